@@ -1,0 +1,144 @@
+"""The one block-sequential calibration loop.
+
+Capture the inputs of block 0 for the calibration windows, then for each block: let the
+method update the block (it collects the statistics it needs through `BlockContext`), check
+the quantized weights, and feed the block's (quantized) outputs to the next block. Peak
+memory is about one block plus the calibration activations: the model is never copied.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models.adapters import Adapter, LinearGroup
+
+
+class NonFiniteError(RuntimeError):
+    """NaN or Inf appeared during calibration or in a quantized layer."""
+
+
+class _Stop(Exception):
+    """Raised by a hook to end a forward pass early, once the wanted input was seen."""
+
+
+def _first_tensor(out):
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.inference_mode()
+def capture_block_inputs(
+    model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, batch_size: int = 8
+) -> tuple[torch.Tensor, dict]:
+    """Hidden states entering block 0 for each row of `input_ids` ([N, L] -> [N, L, H]), and
+    the other keyword arguments the block receives (rotary embeddings, mask, ...).
+
+    Those are captured from batches of one window, so their batch dimension is 1 and
+    broadcasts over any batch of windows that share the length L.
+    """
+    block0 = adapter.get_blocks(model)[0]
+    captured: dict = {}
+
+    def grab(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        captured.setdefault("hidden", []).append(hidden.detach())
+        if "kwargs" not in captured:
+            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    handle = block0.register_forward_pre_hook(grab, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for row in input_ids:
+            try:
+                model(input_ids=row[None].to(device), use_cache=False)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return torch.cat(captured["hidden"]), captured["kwargs"]
+
+
+def check_finite(tensor: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(tensor).all():
+        raise NonFiniteError(f"NaN or Inf in {what}")
+
+
+@dataclass
+class BlockContext:
+    """What a method sees of one block during the calibration loop."""
+
+    index: int
+    block: nn.Module
+    adapter: Adapter
+    inputs: torch.Tensor | None  # [N, L, H] block inputs (None for methods without calibration)
+    kwargs: dict
+    batch_size: int = 8
+
+    def linear(self, name: str) -> nn.Linear:
+        return self.block.get_submodule(name)
+
+    def batches(self) -> Iterator[torch.Tensor]:
+        for start in range(0, self.inputs.shape[0], self.batch_size):
+            yield self.inputs[start : start + self.batch_size]
+
+    @torch.inference_mode()
+    def forward(self) -> torch.Tensor:
+        """The block's outputs for all calibration inputs, with its current weights."""
+        return torch.cat([_first_tensor(self.block(x, **self.kwargs)) for x in self.batches()])
+
+    @torch.inference_mode()
+    def feed_inputs(self, group: LinearGroup, consume: Callable[[torch.Tensor], None]) -> None:
+        """Run the block on every batch only as far as `group`'s input, and hand that input
+        to `consume` (e.g. a Hessian accumulator). Work after that point is skipped."""
+        module = self.block.get_submodule(group.linears[0])
+
+        def hook(mod, args):
+            consume(args[0])
+            raise _Stop
+
+        handle = module.register_forward_pre_hook(hook)
+        try:
+            for x in self.batches():
+                try:
+                    self.block(x, **self.kwargs)
+                except _Stop:
+                    pass
+        finally:
+            handle.remove()
+
+
+def quantize_blockwise(
+    model: nn.Module,
+    adapter: Adapter,
+    process_block: Callable[[BlockContext], dict | None],
+    calib_ids: torch.Tensor | None,
+    batch_size: int = 8,
+    desc: str = "quantize",
+    progress: bool = True,
+) -> list[dict | None]:
+    """Run `process_block` on each block in order and return what it returned per block.
+
+    With `calib_ids` ([N, L] token windows) each block sees the outputs of the already
+    quantized blocks before it; without, blocks are processed with no activations.
+    """
+    blocks = adapter.get_blocks(model)
+    hidden, kwargs = (None, {})
+    if calib_ids is not None:
+        hidden, kwargs = capture_block_inputs(model, adapter, calib_ids)
+        check_finite(hidden, "the calibration inputs of block 0")
+    states = []
+    for index in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
+        block = blocks[index]
+        ctx = BlockContext(index, block, adapter, hidden, kwargs, batch_size)
+        states.append(process_block(ctx))
+        for name, linear in adapter.linears(block).items():
+            check_finite(linear.weight, f"block {index}, layer {name} after quantization")
+        if hidden is not None:
+            hidden = ctx.forward()
+            check_finite(hidden, f"the outputs of block {index} during calibration")
+    return states

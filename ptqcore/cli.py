@@ -1,0 +1,172 @@
+"""`ptq-bench`: run, list, results.
+
+Bad input (unknown model/method/dataset/profile, bits outside 2..8, non-positive sizes) prints
+one line naming the valid choices and exits with code 2, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from . import __version__
+
+EXIT_USAGE = 2
+EXIT_FAILED = 1
+
+
+def _parse_option(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ValueError(f"bad --option {text!r}; expected KEY=VALUE, e.g. act_order=false")
+    key, value = text.split("=", 1)
+    low = value.strip().lower()
+    if low in ("true", "false", "yes", "no", "on", "off"):
+        return key.strip(), low in ("true", "yes", "on")
+    for cast in (int, float):
+        try:
+            return key.strip(), cast(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def _csv(text: str | None) -> tuple[str, ...] | None:
+    return tuple(x.strip() for x in text.split(",") if x.strip()) if text else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ptq-bench", description="Post-training quantization benchmark (ptqcore).")
+    parser.add_argument("--version", action="version", version=f"ptqcore {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="quantize a model with a method and evaluate it")
+    run.add_argument("--model", required=True, help="registered name (see `list models`), HF id or local path")
+    run.add_argument("--method", default="fp", help="fp, rtn, gptq (see `list methods`)")
+    run.add_argument("--wbits", type=int, help="weight bits, 2..8")
+    run.add_argument("--group-size", type=int, help="columns per group (default: per output channel)")
+    run.add_argument("--sym", action="store_true", help="symmetric weight grid (default asymmetric)")
+    run.add_argument("--mse", action="store_true", help="MSE clip search for the weight grid (GPTQ reference)")
+    run.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                     help="method knob, e.g. -o act_order=false -o percdamp=0.1")
+    run.add_argument("--profile", default="cpu", help="measurement profile: cpu (default) or paper")
+    run.add_argument("--datasets", help="comma-separated eval datasets (default: the profile's)")
+    run.add_argument("--calib-dataset", help="calibration dataset (default: the profile's)")
+    run.add_argument("--nsamples", type=int, help="calibration windows (default: the profile's)")
+    run.add_argument("--calib-seqlen", type=int, help="calibration window length")
+    run.add_argument("--eval-seqlen", type=int, help="perplexity window length")
+    run.add_argument("--limit", type=int, default=-1, help="perplexity windows per dataset (default: the profile's)")
+    run.add_argument("--all-windows", action="store_true", help="evaluate every window of the test split")
+    run.add_argument("--seed", type=int, help="calibration seed (default: the profile's)")
+    run.add_argument("--device", default="cpu", help="cpu or cuda")
+    run.add_argument("--batch-size", type=int, default=8, help="calibration windows per block forward")
+    run.add_argument("--threads", type=int, help="torch threads (recorded with every timing)")
+    run.add_argument("--out", default="results", help="results folder (default: results/)")
+    run.add_argument("--force", action="store_true", help="rerun even if this config is already recorded")
+    run.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    lst = sub.add_parser("list", help="list models, methods, datasets, profiles")
+    lst.add_argument("what", nargs="?", default="all", help="models, methods, datasets, profiles or all")
+
+    res = sub.add_parser("results", help="print the recorded results as a table")
+    res.add_argument("--out", default="results", help="results folder")
+    res.add_argument("--model")
+    res.add_argument("--method")
+    res.add_argument("--all", action="store_true", help="every recorded run, not only the newest per config")
+    return parser
+
+
+def _cmd_run(args) -> int:
+    from .quant import QuantSpec
+    from .runner import RunSpec, run, summary_line
+
+    spec = None
+    if args.wbits is not None or args.group_size is not None:
+        if args.wbits is None:
+            raise ValueError("--group-size needs --wbits")
+        spec = QuantSpec(bits=args.wbits, group_size=args.group_size, sym=args.sym, mse=args.mse)
+    options = dict(_parse_option(o) for o in args.option)
+    run_spec = RunSpec(
+        model=args.model, method=args.method, spec=spec, options=options, profile=args.profile,
+        datasets=_csv(args.datasets), calib_dataset=args.calib_dataset, nsamples=args.nsamples,
+        calib_seqlen=args.calib_seqlen, eval_seqlen=args.eval_seqlen,
+        limit=None if args.all_windows else args.limit, seed=args.seed, device=args.device,
+        batch_size=args.batch_size,
+    )
+    run_spec.validate()  # fail on bad input before torch threads or models are touched
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    rows = run(run_spec, out=args.out, force=args.force, progress=not args.quiet)
+    if rows:
+        print(summary_line(rows))
+    return 0
+
+
+def _cmd_list(args) -> int:
+    from .data import DATASETS, OFFLINE_CHOICES
+    from .methods import FP, METHODS
+    from .models import MODELS
+    from .profiles import PROFILES
+
+    sections = ("models", "methods", "datasets", "profiles")
+    if args.what not in (*sections, "all"):
+        raise ValueError(f"unknown list {args.what!r}; available: {', '.join(sections)}, all")
+    show = sections if args.what == "all" else (args.what,)
+    if "models" in show:
+        print("models:")
+        for entry in MODELS.values():
+            print(f"  {entry.name:14s} {entry.description}")
+        print("  (or any Hugging Face id or local checkpoint folder)")
+    if "methods" in show:
+        print("methods:")
+        print(f"  {'name':6s} {'strategy':13s} {'kind':10s} {'calibration':11s} paper")
+        for info in [FP, *(cls.info for cls in METHODS.values())]:
+            calib = "yes" if info.needs_calibration else "no"
+            print(f"  {info.name:6s} {info.strategy:13s} {info.kind:10s} {calib:11s} {info.paper}")
+    if "datasets" in show:
+        print("datasets:")
+        for name in sorted(DATASETS):
+            where = "offline" if name in OFFLINE_CHOICES else "needs network access"
+            print(f"  {name:10s} {where}")
+    if "profiles" in show:
+        print("profiles:")
+        for p in PROFILES.values():
+            limit = "all" if p.eval_limit is None else p.eval_limit
+            print(f"  {p.name:6s} calib {p.calib_dataset} {p.nsamples} x {p.calib_seqlen} seed {p.seed}; "
+                  f"eval {','.join(p.eval_datasets)} seqlen {p.eval_seqlen} limit {limit} ({p.meant_for})")
+    return 0
+
+
+def _cmd_results(args) -> int:
+    from .results import ResultsStore, format_table
+
+    df = ResultsStore(args.out).table(latest=not args.all)
+    if len(df) and args.model:
+        df = df[df["model"] == args.model]
+    if len(df) and args.method:
+        df = df[df["method"] == args.method]
+    print(format_table(df))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    args = build_parser().parse_args(argv)
+    from .calib import NonFiniteError
+    from .data import DatasetUnavailable
+    from .models import MissingPackage
+
+    try:
+        return {"run": _cmd_run, "list": _cmd_list, "results": _cmd_results}[args.command](args)
+    except (ValueError, TypeError, MissingPackage, DatasetUnavailable) as err:
+        print(f"ptq-bench: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except NonFiniteError as err:
+        print(f"ptq-bench: aborted, nothing recorded: {err}", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

