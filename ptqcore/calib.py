@@ -98,6 +98,7 @@ class BlockContext:
         module = self.block.get_submodule(group.linears[0])
 
         def hook(mod, args):
+            check_finite(args[0], f"block {self.index}, the input of {', '.join(group.linears)} during calibration")
             consume(args[0])
             raise _Stop
 
@@ -112,6 +113,12 @@ class BlockContext:
             handle.remove()
 
 
+@dataclass
+class BlockwiseResult:
+    states: list  # what the method returned for each block
+    weight_rel_change: float  # ||W_after - W_before|| / ||W_before|| over every adapter linear
+
+
 def quantize_blockwise(
     model: nn.Module,
     adapter: Adapter,
@@ -120,8 +127,9 @@ def quantize_blockwise(
     batch_size: int = 8,
     desc: str = "quantize",
     progress: bool = True,
-) -> list[dict | None]:
-    """Run `process_block` on each block in order and return what it returned per block.
+) -> BlockwiseResult:
+    """Run `process_block` on each block in order; collect its per-block state and measure
+    how far the block's linear weights moved.
 
     With `calib_ids` ([N, L] token windows) each block sees the outputs of the already
     quantized blocks before it; without, blocks are processed with no activations.
@@ -132,13 +140,18 @@ def quantize_blockwise(
         hidden, kwargs = capture_block_inputs(model, adapter, calib_ids)
         check_finite(hidden, "the calibration inputs of block 0")
     states = []
+    moved = total = 0.0
     for index in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
         block = blocks[index]
+        before = {name: linear.weight.detach().clone() for name, linear in adapter.linears(block).items()}
         ctx = BlockContext(index, block, adapter, hidden, kwargs, batch_size)
         states.append(process_block(ctx))
         for name, linear in adapter.linears(block).items():
             check_finite(linear.weight, f"block {index}, layer {name} after quantization")
+            moved += (linear.weight.detach().float() - before[name].float()).pow(2).sum().item()
+            total += before[name].float().pow(2).sum().item()
+        del before
         if hidden is not None:
             hidden = ctx.forward()
             check_finite(hidden, f"the outputs of block {index} during calibration")
-    return states
+    return BlockwiseResult(states, (moved / total) ** 0.5 if total else 0.0)

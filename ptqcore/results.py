@@ -44,7 +44,9 @@ Written by the run code for every row (by convention; not enforced):
     quant_seconds  float  wall seconds fp model -> quantized model (no load, no eval)
     eval_seconds   float  wall seconds of this evaluation
     peak_rss_bytes int    peak memory of the run (``PeakMemory``: CPU RSS or CUDA allocated)
-    lossless_by_construction  bool  True where the setting reproduces the checkpoint's own grid
+    weight_rel_change float  ||W_q - W|| / ||W|| over every quantized linear (0 for fp)
+    lossless_by_construction  bool  True where quantization left the weights unchanged
+                          (weight_rel_change < 1e-6): the setting reproduces the checkpoint's own grid
                           (SmolLM2 Q4_1: W4 g32 asymmetric); plots flag it
     notes          str    deviations from PROTOCOL.md, free text ("" when none)
 
@@ -105,7 +107,7 @@ ROW_COLUMNS: tuple[str, ...] = (
     "model", "method", "method_config", "setting", "wbits", "group_size", "sym", "abits",
     "calib", "seed", "profile", "dataset", "metric", "value", "stderr", "seqlen", "limit",
     "scored_tokens", "quant_seconds", "eval_seconds", "peak_rss_bytes",
-    "lossless_by_construction", "notes",
+    "weight_rel_change", "lossless_by_construction", "notes",
 )
 
 _PACKAGE_DIR = Path(__file__).resolve().parent

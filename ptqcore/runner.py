@@ -62,6 +62,8 @@ class RunSpec:
         for name in (p.calib_dataset, *p.eval_datasets):
             if name not in data.DATASETS:
                 raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(data.DATASETS))}")
+            if name not in data.OFFLINE_CHOICES:
+                data.load_text(name, "test")  # network datasets fail here, before any model is loaded
         for what, value in (("sample count", p.nsamples), ("calibration seqlen", p.calib_seqlen),
                             ("eval seqlen", p.eval_seqlen), ("batch size", self.batch_size)):
             if value <= 0:
@@ -101,13 +103,20 @@ class RunSpec:
         return {"dataset": p.calib_dataset, "nsamples": p.nsamples, "seqlen": p.calib_seqlen, "seed": p.seed}
 
 
-def lossless_by_construction(native: QuantSpec | None, spec: QuantSpec | None) -> bool:
-    """True where the setting's grid contains the checkpoint's own grid (SmolLM2: Q4_1 = W4 g32 asym)."""
-    if native is None or spec is None or spec.sym or spec.clip_ratio < 1 or spec.bits < native.bits:
-        return False
-    if native.group_size is None:
-        return spec.group_size is None
-    return spec.group_size is not None and native.group_size % spec.group_size == 0
+# A quantized model whose weights moved less than this (relative Frobenius norm) is the
+# checkpoint itself: the setting was lossless by construction.
+LOSSLESS_REL_CHANGE = 1e-6
+
+
+def native_grid_note(native: QuantSpec | None, spec: QuantSpec | None) -> str:
+    """Where a setting has the layout of the checkpoint's own grid (SmolLM2: Q4_1, W4 g32
+    asymmetric), say so; whether it is really lossless is measured, not assumed."""
+    if native is None or spec is None or spec.sym or spec.bits < native.bits or spec.group_size is None:
+        return ""
+    if native.group_size % spec.group_size:
+        return ""
+    return (f"the checkpoint's weights lie on a {native.name} asymmetric grid (Q4_1, float zero point); this "
+            "setting has that layout, but the GPTQ-reference grid rounds the zero point to an integer")
 
 
 def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool = True, log=print) -> list[dict]:
@@ -129,7 +138,7 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
                 check_group_size(linear.in_features, spec.spec, f"{name} (block {block_index})")
 
     with PeakMemory(spec.device) as peak:
-        quant_seconds = 0.0
+        quant_seconds, weight_rel_change = 0.0, 0.0
         if spec.method != FP.name:
             method = get_method(spec.method, spec=spec.spec, **spec.options)
             calib_ids = None
@@ -137,8 +146,9 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
                 train = data.tokenize_split(p.calib_dataset, "train", loaded.tokenizer)
                 calib_ids = data.calibration_windows(train, p.nsamples, p.calib_seqlen, p.seed)
             start = time.perf_counter()
-            quantize_blockwise(model, adapter, method.process_block, calib_ids, spec.batch_size,
-                               desc=f"{spec.method} {config['setting']}", progress=progress)
+            result = quantize_blockwise(model, adapter, method.process_block, calib_ids, spec.batch_size,
+                                        desc=f"{spec.method} {config['setting']}", progress=progress)
+            weight_rel_change = result.weight_rel_change
             quant_seconds = time.perf_counter() - start
         metrics = []
         for dataset in p.eval_datasets:
@@ -149,7 +159,6 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
                             "seqlen": p.eval_seqlen, "limit": p.eval_limit, "scored_tokens": result["scored_tokens"],
                             "eval_seconds": result["eval_seconds"], "tokens_per_s": result["tokens_per_s"],
                             "flops_per_s": result["flops_per_s"]})
-    lossless = lossless_by_construction(loaded.native_grid, spec.spec)
     base = {
         **provenance(spec.device),
         "config_hash": key,
@@ -166,8 +175,9 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
         "profile": p.name,
         "quant_seconds": quant_seconds,
         "peak_rss_bytes": int(peak.peak_bytes),
-        "lossless_by_construction": lossless,
-        "notes": ("setting contains the checkpoint's own Q4_1 grid (W4 g32 asymmetric)" if lossless else ""),
+        "weight_rel_change": weight_rel_change,
+        "lossless_by_construction": spec.spec is not None and weight_rel_change < LOSSLESS_REL_CHANGE,
+        "notes": native_grid_note(loaded.native_grid, spec.spec),
     }
     rows = make_rows(base, metrics)
     store.write_run(rows)
@@ -183,4 +193,4 @@ def summary_line(rows: list[dict]) -> str:
             f"[{first['run_id']}]")
 
 
-__all__ = ["RunSpec", "lossless_by_construction", "run", "summary_line"]
+__all__ = ["LOSSLESS_REL_CHANGE", "RunSpec", "native_grid_note", "run", "summary_line"]

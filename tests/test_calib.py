@@ -28,8 +28,9 @@ def test_loop_without_changes_reproduces_the_model(tiny_llama):
     adapter = adapter_for(tiny_llama)
     ids = windows()
     seen = []
-    quantize_blockwise(tiny_llama, adapter, lambda ctx: seen.append(ctx.inputs.clone()), ids, batch_size=4,
-                       progress=False)
+    result = quantize_blockwise(tiny_llama, adapter, lambda ctx: seen.append(ctx.inputs.clone()), ids, batch_size=4,
+                                progress=False)
+    assert result.weight_rel_change == 0.0
     with torch.no_grad():
         states = tiny_llama(ids, output_hidden_states=True).hidden_states
     assert len(seen) == 2
@@ -65,7 +66,7 @@ def test_gptq_end_to_end_beats_rtn(options):
     spec = QuantSpec(3, 32)
     gptq_model, rtn_model = make_tiny_llama(), make_tiny_llama()
     states = quantize_blockwise(gptq_model, adapter_for(gptq_model), get_method("gptq", spec=spec, **options).process_block,
-                                ids, progress=False)
+                                ids, progress=False).states
     quantize_blockwise(rtn_model, adapter_for(rtn_model), get_method("rtn", spec=spec).process_block, None,
                        progress=False)
     test_ids = windows(n=4, length=64, seed=1)

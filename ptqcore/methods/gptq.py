@@ -112,13 +112,13 @@ def gptq_quantize(
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
+        # The block is held transposed ([count, rows]) so each column is a contiguous vector.
+        W1 = W[:, i1:i2].t().contiguous()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
-        Losses1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(count):
-            w = W1[:, i]
+            w = W1[i]
             d = Hinv1[i, i]
             if groupsize:
                 if not static_groups:
@@ -133,15 +133,15 @@ def gptq_quantize(
                     if act_order:
                         idx = perm[idx].item()
                     scale, zero = groups[idx // groupsize]
-            q = (scale * (quantize(w.unsqueeze(1), scale, zero, maxq) - zero)).flatten()
-            Q1[:, i] = q
-            Losses1[:, i] = (w - q) ** 2 / d**2
-            err1 = (w - q) / d
-            W1[:, i:] -= err1.unsqueeze(1).matmul(Hinv1[i, i:].unsqueeze(0))
-            Err1[:, i] = err1
-        Q[:, i1:i2] = Q1
-        losses[:, i1:i2] = Losses1 / 2
-        W[:, i2:] -= Err1.matmul(Hinv[i1:i2, i2:])
+            q = Q1[i]
+            torch.div(w, scale[:, 0], out=q)
+            q.round_().add_(zero[:, 0]).clamp_(0, maxq).sub_(zero[:, 0]).mul_(scale[:, 0])
+            err1 = Err1[i]
+            torch.sub(w, q, out=err1).div_(d)
+            W1[i:].addr_(Hinv1[i, i:], err1, alpha=-1)
+        Q[:, i1:i2] = Q1.t()
+        losses[:, i1:i2] = Err1.t() ** 2 / 2  # (w - q)^2 / d^2 / 2, as the reference's Losses1 / 2
+        W[:, i2:] -= Err1.t().matmul(Hinv[i1:i2, i2:])
 
     if act_order:
         Q = Q[:, invperm]
