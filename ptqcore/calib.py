@@ -8,7 +8,7 @@ memory is about one block plus the calibration activations: the model is never c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -117,6 +117,8 @@ class BlockContext:
 class BlockwiseResult:
     states: list  # what the method returned for each block
     weight_rel_change: float  # ||W_after - W_before|| / ||W_before|| over every adapter linear
+    prepared: dict = field(default_factory=dict)  # what whole-model steps returned (pipelines)
+    act_hooks: list = field(default_factory=list)  # activation fake-quant hook handles
 
 
 def quantize_blockwise(

@@ -42,13 +42,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="quantize a model with a method and evaluate it")
     run.add_argument("--model", required=True, help="registered name (see `list models`), HF id or local path")
-    run.add_argument("--method", default="fp", help="fp, rtn, gptq (see `list methods`)")
+    run.add_argument("--method", default="fp",
+                     help="a method (see `list methods`) or a pipeline of them, e.g. quarot+gptq")
+    run.add_argument("--setting", help="setting name instead of --wbits/--group-size/--abits, e.g. w3g128, w4a8")
     run.add_argument("--wbits", type=int, help="weight bits, 2..8")
     run.add_argument("--group-size", type=int, help="columns per group (default: per output channel)")
+    run.add_argument("--abits", type=int, help="activation bits: per-token dynamic symmetric fake quantization")
     run.add_argument("--sym", action="store_true", help="symmetric weight grid (default asymmetric)")
     run.add_argument("--mse", action="store_true", help="MSE clip search for the weight grid (GPTQ reference)")
     run.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
-                     help="method knob, e.g. -o act_order=false -o percdamp=0.1")
+                     help="method knob, e.g. -o act_order=false -o gptq.percdamp=0.1 (STEP.KNOB in a pipeline)")
     run.add_argument("--profile", default="cpu", help="measurement profile: cpu (default) or paper")
     run.add_argument("--datasets", help="comma-separated eval datasets (default: the profile's)")
     run.add_argument("--calib-dataset", help="calibration dataset (default: the profile's)")
@@ -77,17 +80,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_run(args) -> int:
-    from .quant import QuantSpec
+    from .quant import ActSpec, QuantSpec, parse_setting
     from .runner import RunSpec, run, summary_line
 
-    spec = None
+    spec, act = None, None
+    if args.setting:
+        if args.wbits is not None or args.group_size is not None or args.abits is not None:
+            raise ValueError("give either --setting or --wbits/--group-size/--abits, not both")
+        spec, act = parse_setting(args.setting)
+        args.wbits, args.group_size, args.abits = spec.bits, spec.group_size, act.bits if act else None
     if args.wbits is not None or args.group_size is not None:
         if args.wbits is None:
             raise ValueError("--group-size needs --wbits")
         spec = QuantSpec(bits=args.wbits, group_size=args.group_size, sym=args.sym, mse=args.mse)
+    if args.abits is not None:
+        act = ActSpec(bits=args.abits)
     options = dict(_parse_option(o) for o in args.option)
     run_spec = RunSpec(
-        model=args.model, method=args.method, spec=spec, options=options, profile=args.profile,
+        model=args.model, method=args.method, spec=spec, act=act, options=options, profile=args.profile,
         datasets=_csv(args.datasets), calib_dataset=args.calib_dataset, nsamples=args.nsamples,
         calib_seqlen=args.calib_seqlen, eval_seqlen=args.eval_seqlen,
         limit=None if args.all_windows else args.limit, seed=args.seed, device=args.device,

@@ -13,21 +13,22 @@ from dataclasses import dataclass, field, replace
 
 
 from . import data
-from .calib import quantize_blockwise
 from .eval import perplexity
-from .methods import FP, METHODS, check_method_name, get_method
+from .methods import FP
 from .models import check_model_name, load_model
+from .pipeline import build_pipeline, quantize_model, validate_pipeline_name
 from .profiles import Profile, get_profile
-from .quant import QuantSpec, check_group_size, setting_name
+from .quant import ActSpec, QuantSpec, check_group_size, setting_name
 from .results import PeakMemory, ResultsStore, config_hash, make_rows, provenance
 
 
 @dataclass(frozen=True)
 class RunSpec:
     model: str
-    method: str = "fp"
+    method: str = "fp"  # a method or a pipeline, e.g. "gptq", "quarot+gptq"
     spec: QuantSpec | None = None
-    options: dict = field(default_factory=dict)  # method knobs, e.g. {"act_order": False}
+    act: ActSpec | None = None  # activation fake-quant (weight-activation settings)
+    options: dict = field(default_factory=dict)  # method knobs, e.g. {"act_order": False} or {"gptq.act_order": False}
     profile: str = "cpu"
     datasets: tuple[str, ...] | None = None  # default: the profile's eval datasets
     calib_dataset: str | None = None
@@ -57,7 +58,7 @@ class RunSpec:
     def validate(self) -> None:
         """Every check that needs no model: names, counts, sizes. Raises ValueError."""
         check_model_name(self.model)
-        check_method_name(self.method)
+        validate_pipeline_name(self.method)
         p, _ = self.resolved()
         for name in (p.calib_dataset, *p.eval_datasets):
             if name not in data.DATASETS:
@@ -71,27 +72,31 @@ class RunSpec:
         if p.eval_limit is not None and p.eval_limit <= 0:
             raise ValueError(f"limit must be positive (or omitted for all windows), got {p.eval_limit}")
         if self.method == FP.name:
-            if self.spec is not None or self.options:
-                raise ValueError("method fp quantizes nothing: drop --wbits/--group-size/--option")
+            if self.spec is not None or self.act is not None or self.options:
+                raise ValueError("method fp quantizes nothing: drop --wbits/--group-size/--abits/--option")
         else:
             if self.spec is None:
                 raise ValueError(f"method {self.method} needs --wbits")
-            get_method(self.method, spec=self.spec, **self.options)  # validates the knobs
+            build_pipeline(self.method, self.spec, self.options)  # validates the chain and its knobs
+
+    def pipeline(self):
+        return None if self.method == FP.name else build_pipeline(self.method, self.spec, self.options)
 
     def method_config(self) -> dict:
-        if self.method == FP.name:
-            return {}
-        return {self.method: get_method(self.method, spec=self.spec, **self.options).config.to_dict()}
+        pipeline = self.pipeline()
+        return pipeline.config() if pipeline else {}
 
     def config(self) -> dict:
         """Everything that defines the numbers (the results-store key); no provenance."""
         p, _ = self.resolved()
-        calibrated = self.method != FP.name and METHODS[self.method].info.needs_calibration
+        pipeline = self.pipeline()
+        calibrated = pipeline is not None and pipeline.needs_calibration
         return {
             "model": self.model,
             "method": self.method,
             "method_config": self.method_config(),
-            "setting": setting_name(self.spec),
+            "setting": setting_name(self.spec, self.act),
+            "act": self.act.to_dict() if self.act else None,
             "calib": self.calib() if calibrated else None,
             "eval": {"datasets": list(p.eval_datasets), "seqlen": p.eval_seqlen, "limit": p.eval_limit},
             "profile": p.name,
@@ -139,15 +144,15 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
 
     with PeakMemory(spec.device) as peak:
         quant_seconds, weight_rel_change = 0.0, 0.0
-        if spec.method != FP.name:
-            method = get_method(spec.method, spec=spec.spec, **spec.options)
+        pipeline = spec.pipeline()
+        if pipeline is not None:
             calib_ids = None
-            if method.info.needs_calibration:
+            if pipeline.needs_calibration:
                 train = data.tokenize_split(p.calib_dataset, "train", loaded.tokenizer)
                 calib_ids = data.calibration_windows(train, p.nsamples, p.calib_seqlen, p.seed)
             start = time.perf_counter()
-            result = quantize_blockwise(model, adapter, method.process_block, calib_ids, spec.batch_size,
-                                        desc=f"{spec.method} {config['setting']}", progress=progress)
+            result = quantize_model(model, adapter, pipeline, calib_ids, spec.act, spec.batch_size,
+                                    progress=progress, desc=f"{spec.method} {config['setting']}")
             weight_rel_change = result.weight_rel_change
             quant_seconds = time.perf_counter() - start
         metrics = []
@@ -169,7 +174,7 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
         "wbits": spec.spec.bits if spec.spec else 16,
         "group_size": spec.spec.group_size if spec.spec else None,
         "sym": spec.spec.sym if spec.spec else None,
-        "abits": 16,
+        "abits": spec.act.bits if spec.act else 16,
         "calib": config["calib"],
         "seed": p.seed,
         "profile": p.name,

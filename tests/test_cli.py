@@ -29,7 +29,7 @@ def run_cli(capsys, *args):
         (["run", "--model", "smollm2-135m", "--method", "gptq", "--wbits", "4", "--group-size", "0"], "group size must be a positive integer"),
         (["run", "--model", "smollm2-135m", "--method", "gptq", "--wbits", "4", "--nsamples", "0"], "sample count must be positive"),
         (["run", "--model", "smollm2-135m", "--method", "gptq"], "method gptq needs --wbits"),
-        (["run", "--model", "smollm2-135m", "--method", "gptq", "--wbits", "4", "-o", "dampp=0.1"], "method gptq has no option dampp; options: blocksize"),
+        (["run", "--model", "smollm2-135m", "--method", "gptq", "--wbits", "4", "-o", "dampp=0.1"], "no step of gptq has option 'dampp'; options: act_order, blocksize"),
         (["run", "--model", "smollm2-135m", "--method", "fp", "--datasets", "wikitext2"], "needs network access"),
         (["list", "gizmos"], "unknown list 'gizmos'; available: models, methods, datasets, profiles, all"),
     ],

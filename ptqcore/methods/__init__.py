@@ -1,13 +1,37 @@
-"""Method registry: a plain dict from names to method classes."""
+"""Method registry: a plain dict from names to method classes.
+
+Every module of this package that defines a `Method` subclass with its own `info` is
+registered under `info.name`; adding a method is adding one file.
+"""
 
 from __future__ import annotations
+
+import importlib
+import inspect
+import pkgutil
 
 from .base import Method, MethodConfig, MethodInfo
 from .gptq import GPTQ, GPTQConfig, gptq_quantize
 from .rtn import RTN
 
-METHODS: dict[str, type[Method]] = {cls.info.name: cls for cls in (RTN, GPTQ)}
 FP = MethodInfo("fp", "none", "full precision (no quantization)", "none", needs_calibration=False)
+
+
+def _discover() -> dict[str, type[Method]]:
+    found: dict[str, type[Method]] = {}
+    for module_info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if module_info.name == "base":
+            continue
+        module = importlib.import_module(f"{__name__}.{module_info.name}")
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if issubclass(cls, Method) and cls.__module__ == module.__name__ and "info" in cls.__dict__:
+                if cls.info.name in found:
+                    raise RuntimeError(f"two methods named {cls.info.name!r}")
+                found[cls.info.name] = cls
+    return dict(sorted(found.items()))
+
+
+METHODS: dict[str, type[Method]] = _discover()
 
 
 def method_names() -> list[str]:
@@ -27,7 +51,9 @@ def get_method(name: str, **config) -> Method:
     cls = METHODS[name]
     unknown = set(config) - {"spec", *cls.Config.knobs()}
     if unknown:
-        raise ValueError(f"method {name} has no option {', '.join(sorted(unknown))}; options: {', '.join(cls.Config.knobs())}")
+        raise ValueError(
+            f"method {name} has no option {', '.join(sorted(unknown))}; options: {', '.join(cls.Config.knobs())}"
+        )
     return cls(cls.Config(**config))
 
 

@@ -1,8 +1,13 @@
-"""What a method is: a typed config, its place in the taxonomy, and a per-block step.
+"""What a method is: a typed config, its place in the taxonomy, and two hooks.
 
-A method instance processes one block at a time inside the calibration loop
-(`ptqcore.calib.quantize_blockwise`) and returns plain per-block state (scales, zeros,
-group indices ...) that could be saved and re-applied.
+- `prepare(model, adapter)`: whole-model work before the block loop (e.g. QuaRot's rotation
+  of the residual stream); a no-op by default.
+- `process_block(ctx)`: called for each block inside the one calibration loop
+  (`ptqcore.calib.quantize_blockwise`); updates the block in place and returns plain per-block
+  state (scales, zeros, group indices ...) that could be saved and re-applied.
+
+`kind` places a method in a pipeline: equivalence-preserving transforms first, at most one
+lossy quantizer, last (`ptqcore.pipeline`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ class MethodInfo:
     paper: str
     kind: str  # "quantizer" (lossy, last), "transform" (equivalence-preserving), "none"
     needs_calibration: bool
+    default_quantizer: str | None = None  # appended when a pipeline ends with this transform
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,10 @@ class Method(ABC):
         if self.info.kind == "quantizer" and config.spec is None:
             raise ValueError(f"method {self.info.name} needs a weight spec (bits, group size)")
         self.config = config
+
+    def prepare(self, model, adapter) -> dict | None:
+        """Whole-model work before the block loop; returns plain state."""
+        return None
 
     @abstractmethod
     def process_block(self, ctx: BlockContext) -> dict | None:

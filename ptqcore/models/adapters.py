@@ -34,9 +34,17 @@ class Adapter:
     final_norm: str
     lm_head: str
     groups: tuple[LinearGroup, ...]
+    # Linears whose outputs are added to the residual stream (rotations act on their output side).
+    residual_writers: tuple[str, ...] = ()
+    # The value projection and the attention output projection (per-head transforms between them).
+    value_out: tuple[str, str] | None = None
 
     def get_blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
+
+    def norm_groups(self) -> list[LinearGroup]:
+        """Groups that read the residual stream through a norm (the norm is `group.prev`)."""
+        return [g for g in self.groups if g.prev is not None and g.prev not in self.linear_names()]
 
     def linear_names(self) -> list[str]:
         return [name for group in self.groups for name in group.linears]
@@ -61,6 +69,8 @@ LLAMA = Adapter(
         LinearGroup("mlp_in", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm", "mlp"),
         LinearGroup("mlp_out", ("mlp.down_proj",), "mlp.up_proj", "mlp.down_proj"),
     ),
+    residual_writers=("self_attn.o_proj", "mlp.down_proj"),
+    value_out=("self_attn.v_proj", "self_attn.o_proj"),
 )
 
 ADAPTERS: dict[str, Adapter] = {adapter.name: adapter for adapter in (LLAMA,)}

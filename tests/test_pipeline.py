@@ -1,0 +1,67 @@
+"""Pipelines: validation before loading, option routing, activation quantization."""
+
+import pytest
+import torch
+
+from ptqcore.models import adapter_for
+from ptqcore.pipeline import build_pipeline, install_act_quant, quantize_model, validate_pipeline_name
+from ptqcore.quant import ActSpec, QuantSpec
+
+from conftest import make_tiny_llama
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("gptq+rtn", "has 2 lossy quantizers (gptq, rtn); at most one"),
+        ("gptq+bogus", "unknown method 'bogus'; available: fp, gptq, rtn"),
+        ("fp+gptq", "'fp' cannot be part of a pipeline"),
+        ("gptq+gptq", "repeats a step"),
+    ],
+)
+def test_invalid_chains_refused(name, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        validate_pipeline_name(name)
+
+
+def test_option_routing():
+    p = build_pipeline("gptq", QuantSpec(3, 32), {"gptq.act_order": False, "percdamp": 0.05})
+    assert p.config()["gptq"]["act_order"] is False and p.config()["gptq"]["percdamp"] == 0.05
+    with pytest.raises(ValueError, match="names step 'awq', not in the pipeline"):
+        build_pipeline("gptq", QuantSpec(3), {"awq.grid": 10})
+
+
+def test_weight_activation_rtn_runs_and_hurts_more_at_4_bits():
+    ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
+    ref = make_tiny_llama()
+    with torch.no_grad():
+        ref_logits = ref(ids).logits
+    errors = {}
+    for abits in (8, 4):
+        model = make_tiny_llama()
+        result = quantize_model(model, adapter_for(model), build_pipeline("rtn", QuantSpec(8)), None, ActSpec(abits),
+                                progress=False)
+        assert len(result.act_hooks) == 2 * 7
+        with torch.no_grad():
+            logits = model(ids).logits
+        assert torch.isfinite(logits).all()
+        errors[abits] = (logits - ref_logits).pow(2).mean().item()
+        for handle in result.act_hooks:
+            handle.remove()
+        with torch.no_grad():  # without the hooks only the (8-bit) weight error remains
+            assert (model(ids).logits - ref_logits).pow(2).mean().item() < errors[abits]
+    assert errors[4] > errors[8] > 0
+
+
+def test_act_quant_hook_quantizes_linear_inputs():
+    model = make_tiny_llama()
+    adapter = adapter_for(model)
+    seen = []
+    q = adapter.get_blocks(model)[0].self_attn.q_proj
+    install_act_quant(model, adapter, ActSpec(4))
+    q.register_forward_pre_hook(lambda mod, args: seen.append(args[0]))  # runs after the act-quant hook
+    with torch.no_grad():
+        model(torch.randint(0, 256, (1, 16)))
+    x = seen[0]
+    levels = torch.unique((x / (x.abs().amax(-1, keepdim=True) / 7)).round())
+    assert len(levels) <= 15  # symmetric 4-bit per token: at most 15 levels
