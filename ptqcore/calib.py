@@ -68,6 +68,21 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
         raise NonFiniteError(f"NaN or Inf in {what}")
 
 
+class BasisTransform:
+    """A change of basis around a quantizer's per-layer problem (QuIP's incoherence processing).
+
+    A transform step of a pipeline appends one to `BlockContext.basis`; the quantizer step
+    then quantizes `forward(W, H)` instead of (W, H) and maps the result back with `inverse`,
+    so the model keeps running unchanged code with the de-rotated weights.
+    """
+
+    def forward(self, W: torch.Tensor, H: torch.Tensor | None, layer: str) -> tuple[torch.Tensor, torch.Tensor | None, object]:
+        raise NotImplementedError
+
+    def inverse(self, Q: torch.Tensor, state: object) -> torch.Tensor:
+        raise NotImplementedError
+
+
 @dataclass
 class BlockContext:
     """What a method sees of one block during the calibration loop."""
@@ -78,6 +93,20 @@ class BlockContext:
     inputs: torch.Tensor | None  # [N, L, H] block inputs (None for methods without calibration)
     kwargs: dict
     batch_size: int = 8
+    basis: list[BasisTransform] = field(default_factory=list)  # set by transform steps for the quantizer
+
+    def to_basis(self, W: torch.Tensor, H: torch.Tensor | None, layer: str):
+        """Apply every registered basis transform; returns (W', H', undo states)."""
+        states = []
+        for transform in self.basis:
+            W, H, state = transform.forward(W, H, layer)
+            states.append(state)
+        return W, H, states
+
+    def from_basis(self, Q: torch.Tensor, states: list) -> torch.Tensor:
+        for transform, state in zip(reversed(self.basis), reversed(states)):
+            Q = transform.inverse(Q, state)
+        return Q
 
     def linear(self, name: str) -> nn.Linear:
         return self.block.get_submodule(name)

@@ -20,7 +20,7 @@ def run_cli(capsys, *args):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["run", "--model", "nope"], "unknown model 'nope'; available: smollm2-135m"),
+        (["run", "--model", "nope"], "unknown model 'nope'; available: smollm2-135m, tiny-llama"),
         (["run", "--model", "smollm2-135m", "--method", "awq", "--wbits", "4"], "unknown method 'awq'; available: fp, gptq, rtn"),
         (["run", "--model", "smollm2-135m", "--method", "fp", "--datasets", "ptb"], "unknown dataset 'ptb'; available: c4, sotu, wiki, wikitext2"),
         (["run", "--model", "smollm2-135m", "--profile", "gpu"], "unknown profile 'gpu'; available: cpu, paper"),

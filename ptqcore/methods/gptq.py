@@ -186,17 +186,32 @@ class GPTQ(Method):
     )
     Config = GPTQConfig
 
+    def _gptq(self, ctx: BlockContext, names: tuple[str, ...], W: torch.Tensor, H: torch.Tensor) -> GPTQResult:
+        cfg = self.config
+        try:
+            return gptq_quantize(W, H, cfg.spec, cfg.blocksize, cfg.percdamp, cfg.act_order, cfg.static_groups)
+        except RuntimeError as err:
+            raise RuntimeError(f"block {ctx.index}, layers {', '.join(names)}: {err}") from None
+
     def _quantize_group(self, ctx: BlockContext, group, H: torch.Tensor) -> dict:
         cfg = self.config
         linears = [ctx.linear(name) for name in group.linears]
         for name, linear in zip(group.linears, linears):
             check_group_size(linear.in_features, cfg.spec, f"{name} of block {ctx.index}")
+        state = {}
+        if ctx.basis:  # a change of basis is per layer: quantize each linear on its own
+            loss = 0.0
+            for name, linear in zip(group.linears, linears):
+                W, Hb, undo = ctx.to_basis(linear.weight.data.float(), H, name)
+                result = self._gptq(ctx, (name,), W, Hb)
+                linear.weight.data = ctx.from_basis(result.weight, undo).to(linear.weight.dtype).contiguous()
+                state[name] = {"scale": result.scale, "zero": result.zero, "g_idx": result.g_idx, "basis": True}
+                loss += result.loss
+            state[group.name + ".loss"] = loss
+            return state
         W = torch.cat([linear.weight.data for linear in linears], 0)
-        try:
-            result = gptq_quantize(W, H, cfg.spec, cfg.blocksize, cfg.percdamp, cfg.act_order, cfg.static_groups)
-        except RuntimeError as err:
-            raise RuntimeError(f"block {ctx.index}, layers {', '.join(group.linears)}: {err}") from None
-        state, start = {}, 0
+        result = self._gptq(ctx, group.linears, W, H)
+        start = 0
         for name, linear in zip(group.linears, linears):
             stop = start + linear.out_features
             linear.weight.data = result.weight[start:stop].to(linear.weight.dtype).contiguous()

@@ -21,7 +21,8 @@ class RTN(Method):
         state = {}
         for name, linear in ctx.adapter.linears(ctx.block).items():
             check_group_size(linear.in_features, self.config.spec, f"{name} of block {ctx.index}")
-            qw = quantize_weight(linear.weight.data, self.config.spec)
-            linear.weight.data = qw.dequantize().to(linear.weight.dtype)
-            state[name] = {"scale": qw.scale, "zero": qw.zero, "g_idx": qw.g_idx}
+            W, _, undo = ctx.to_basis(linear.weight.data.float(), None, name)
+            qw = quantize_weight(W, self.config.spec)
+            linear.weight.data = ctx.from_basis(qw.dequantize(), undo).to(linear.weight.dtype)
+            state[name] = {"scale": qw.scale, "zero": qw.zero, "g_idx": qw.g_idx, **({"basis": True} if ctx.basis else {})}
         return state

@@ -76,6 +76,21 @@ def _build_smollm2(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _build_tiny_llama(out: Path) -> None:
+    """A 2-block random Llama (hidden 64) with SmolLM2's tokenizer, seed 0: for smoke tests
+    and notebook dry runs; its numbers mean nothing."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(cached_checkpoint(MODELS["smollm2-135m"]))
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+
+
 MODELS: dict[str, ModelEntry] = {
     "smollm2-135m": ModelEntry(
         "smollm2-135m",
@@ -83,6 +98,11 @@ MODELS: dict[str, ModelEntry] = {
         "de-quantized to float32)",
         _build_smollm2,
         native_grid=QuantSpec(bits=4, group_size=32, sym=False),
+    ),
+    "tiny-llama": ModelEntry(
+        "tiny-llama",
+        "random 2-block Llama (hidden 64) with SmolLM2's tokenizer, seed 0: smoke tests and dry runs only",
+        _build_tiny_llama,
     ),
 }
 

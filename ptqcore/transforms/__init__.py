@@ -1,0 +1,1 @@
+"""Equivalence-preserving transforms: rotations, smoothing scales, norm folding."""
