@@ -75,6 +75,13 @@ def validate_pipeline_name(name: str) -> list[str]:
         if default is None:
             raise ValueError(f"pipeline {name!r} has no quantizer; end it with one, e.g. {name}+rtn or {name}+gptq")
         parts.append(default)
+    basis = [p for p in parts if METHODS[p].info.sets_basis]
+    if basis and not METHODS[parts[-1]].info.accepts_basis:
+        able = sorted(n for n, cls in METHODS.items() if cls.info.accepts_basis)
+        raise ValueError(
+            f"pipeline {name!r}: {basis[0]} changes each layer's basis, which {parts[-1]} does not support; "
+            f"use one of: {', '.join(able)}"
+        )
     return parts
 
 
@@ -106,6 +113,11 @@ def build_pipeline(name: str, spec: QuantSpec | None, options: dict | None = Non
     if not parts:
         raise ValueError("method 'fp' quantizes nothing; there is no pipeline for it")
     per_step = _split_options(parts, options or {})
+    quantizer = parts[-1]
+    for part in parts[:-1]:
+        for knob, value in METHODS[part].info.quantizer_defaults:
+            if knob in METHODS[quantizer].Config.knobs():
+                per_step[quantizer].setdefault(knob, value)
     return Pipeline(name, [get_method(p, spec=spec, **per_step[p]) for p in parts])
 
 

@@ -1,8 +1,11 @@
 """Pipelines: validation before loading, option routing, activation quantization."""
 
+import re
+
 import pytest
 import torch
 
+from ptqcore.methods import method_names
 from ptqcore.models import adapter_for
 from ptqcore.pipeline import build_pipeline, install_act_quant, quantize_model, validate_pipeline_name
 from ptqcore.quant import ActSpec, QuantSpec
@@ -14,13 +17,16 @@ from conftest import make_tiny_llama
     "name, message",
     [
         ("gptq+rtn", "has 2 lossy quantizers (gptq, rtn); at most one"),
-        ("gptq+bogus", "unknown method 'bogus'; available: fp, gptq, rtn"),
+        ("gptq+bogus", "unknown method 'bogus'; available: " + ", ".join(method_names())),
         ("fp+gptq", "'fp' cannot be part of a pipeline"),
         ("gptq+gptq", "repeats a step"),
+        ("quip+omniquant", "quip changes each layer's basis, which omniquant does not support; use one of: gptq, rtn"),
+        ("omniquant+awq", "transform 'awq' comes after quantizer 'omniquant'"),
+        ("smoothquant+awq+gptq+rtn", "has 2 lossy quantizers"),
     ],
 )
 def test_invalid_chains_refused(name, message):
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         validate_pipeline_name(name)
 
 
@@ -29,6 +35,13 @@ def test_option_routing():
     assert p.config()["gptq"]["act_order"] is False and p.config()["gptq"]["percdamp"] == 0.05
     with pytest.raises(ValueError, match="names step 'awq', not in the pipeline"):
         build_pipeline("gptq", QuantSpec(3), {"awq.grid": 10})
+
+
+def test_transform_sets_quantizer_defaults_beneath_user_options():
+    assert build_pipeline("quip", QuantSpec(3)).config()["gptq"]["act_order"] is False
+    assert build_pipeline("quip+gptq", QuantSpec(3), {"gptq.act_order": True}).config()["gptq"]["act_order"] is True
+    assert build_pipeline("gptq", QuantSpec(3)).config()["gptq"]["act_order"] is True
+    assert "act_order" not in build_pipeline("quip+rtn", QuantSpec(3)).config()["rtn"]
 
 
 def test_weight_activation_rtn_runs_and_hurts_more_at_4_bits():

@@ -28,6 +28,13 @@ class MethodInfo:
     kind: str  # "quantizer" (lossy, last), "transform" (equivalence-preserving), "none"
     needs_calibration: bool
     default_quantizer: str | None = None  # appended when a pipeline ends with this transform
+    # Knobs this transform's reference sets on the quantizer after it (e.g. QuIP's LDLQ runs
+    # without act-order); applied beneath the user's own options, where the quantizer has them.
+    quantizer_defaults: tuple[tuple[str, object], ...] = ()
+    # A transform that changes the basis of each layer's problem (`BlockContext.basis`) needs a
+    # quantizer that honours it (`accepts_basis`).
+    sets_basis: bool = False
+    accepts_basis: bool = False
 
 
 @dataclass(frozen=True)

@@ -182,7 +182,8 @@ class GPTQConfig(MethodConfig):
 
 class GPTQ(Method):
     info = MethodInfo(
-        "gptq", "compensation", "Frantar et al., GPTQ, ICLR 2023", "quantizer", needs_calibration=True
+        "gptq", "compensation", "Frantar et al., GPTQ, ICLR 2023", "quantizer", needs_calibration=True,
+        accepts_basis=True,
     )
     Config = GPTQConfig
 

@@ -14,7 +14,9 @@ from .base import Method, MethodInfo
 
 
 class RTN(Method):
-    info = MethodInfo("rtn", "baseline", "round-to-nearest (no calibration)", "quantizer", needs_calibration=False)
+    info = MethodInfo(
+        "rtn", "baseline", "round-to-nearest (no calibration)", "quantizer", needs_calibration=False, accepts_basis=True
+    )
 
     @torch.no_grad()
     def process_block(self, ctx: BlockContext) -> dict:
