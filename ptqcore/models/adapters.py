@@ -38,6 +38,8 @@ class Adapter:
     residual_writers: tuple[str, ...] = ()
     # The value projection and the attention output projection (per-head transforms between them).
     value_out: tuple[str, str] | None = None
+    # The query and key projections (per-head-dim scales between them leave q.k^T unchanged).
+    query_key: tuple[str, str] | None = None
 
     def get_blocks(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.blocks)
@@ -71,6 +73,7 @@ LLAMA = Adapter(
     ),
     residual_writers=("self_attn.o_proj", "mlp.down_proj"),
     value_out=("self_attn.v_proj", "self_attn.o_proj"),
+    query_key=("self_attn.q_proj", "self_attn.k_proj"),
 )
 
 ADAPTERS: dict[str, Adapter] = {adapter.name: adapter for adapter in (LLAMA,)}
