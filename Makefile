@@ -13,7 +13,7 @@ export TOKENIZERS_PARALLELISM := false
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt constraints.txt pyproject.toml Makefile
+$(STAMP): requirements.txt constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first and pinned: 2.13.0 is the CPU wheel on local disk; any other spec may pull a CUDA build.
@@ -30,8 +30,11 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/methods.py
 
+# `make book`: papermill executes every notebook of _toc.yml (running only the configs missing
+# from results/), then jupyter-book 1 builds _build/html with -W. QUICK=1: the reduced grid of
+# book/build.py from scratch into _build/quick-results. RUN_MISSING=0: render what is recorded.
 book: $(STAMP)
-	$(VENV)/bin/jupyter-book build --path-output . book
+	$(PY) book/build.py $(if $(filter 1 yes true,$(QUICK)),--quick) $(if $(filter 0 no false,$(RUN_MISSING)),--no-run-missing)
 
 clean-venv:
 	rm -rf $(VENV)
