@@ -138,7 +138,7 @@ def quantize_model(
     pipeline: Pipeline,
     calib_ids: torch.Tensor | None,
     act: ActSpec | None = None,
-    batch_size: int = 8,
+    batch_size: int = 1,
     progress: bool = True,
     desc: str | None = None,
 ) -> BlockwiseResult:

@@ -38,7 +38,7 @@ class RunSpec:
     limit: int | None = -1  # -1: the profile's limit; None: all windows
     seed: int | None = None
     device: str = "cpu"
-    batch_size: int = 8
+    batch_size: int = 1  # calibration windows per block forward; 1 = the GPTQ reference (see calib)
 
     def resolved(self) -> tuple[Profile, "RunSpec"]:
         """The profile with this run's overrides applied."""
@@ -105,7 +105,8 @@ class RunSpec:
 
     def calib(self) -> dict:
         p, _ = self.resolved()
-        return {"dataset": p.calib_dataset, "nsamples": p.nsamples, "seqlen": p.calib_seqlen, "seed": p.seed}
+        return {"dataset": p.calib_dataset, "nsamples": p.nsamples, "seqlen": p.calib_seqlen, "seed": p.seed,
+                "batch_size": self.batch_size}
 
 
 # A quantized model whose weights moved less than this (relative Frobenius norm) is the

@@ -66,7 +66,7 @@ def test_run_records_skips_and_forces(capsys, tmp_path, tiny_checkpoint):
     store = ResultsStore(tmp_path)
     [row] = store.rows()
     assert row["metric"] == "ppl" and row["value"] > 1 and row["scored_tokens"] == 2 * 63
-    assert row["calib"] == {"dataset": "wiki", "nsamples": 4, "seqlen": 64, "seed": 0}
+    assert row["calib"] == {"dataset": "wiki", "nsamples": 4, "seqlen": 64, "seed": 0, "batch_size": 1}
     assert row["method_config"]["gptq"]["spec"]["group_size"] == 48 and row["method_config"]["gptq"]["act_order"]
     assert row["setting"] == "w3g48" and row["quant_seconds"] > 0 and row["peak_rss_bytes"] > 0
     for key in ("git_sha", "git_dirty", "torch_version", "transformers_version", "ptqcore_version", "device_name",
