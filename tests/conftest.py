@@ -56,3 +56,26 @@ def tiny_checkpoint(tmp_path_factory, smollm2):
     model.save_pretrained(folder)
     smollm2.tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Pin torch to one thread for a module, then restore: small float64 ops and tiny blocks run
+    fastest that way, and two threads spin against other jobs on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def token_ids(n=4, length=32, vocab=256, seed=0):
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def logits(model, tokens):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm()).item()

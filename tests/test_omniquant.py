@@ -16,13 +16,7 @@ from ptqcore.quant import QuantSpec, fake_quant, quantize_weight
 from conftest import make_tiny_llama
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny blocks train fastest on one thread (and do not fight a loaded machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def windows(n=32, length=32, vocab=256, seed=0):

@@ -25,14 +25,7 @@ from conftest import make_tiny_llama
 IDS = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """This module runs with one torch thread (restored afterwards): on the shared, oversubscribed
-    2-core machine the many small float64 ops of the rotation run ~5x faster than with two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits(model, ids=IDS):

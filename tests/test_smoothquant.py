@@ -16,30 +16,11 @@ from ptqcore.pipeline import build_pipeline, quantize_model
 from ptqcore.quant import ActSpec, QuantSpec
 from ptqcore.transforms.smooth import fold_scale, fold_skip_reason, scale_linear_linear, scale_norm_linears
 
-from conftest import make_tiny_llama
+from conftest import logits, make_tiny_llama, rel_err
+from conftest import token_ids as ids
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two torch threads on the shared 2-core machine spin against the other jobs (a 32-token
-    SmolLM2 forward took 13 s instead of 0.5 s); pin one thread here and restore it after."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def ids(n=4, length=32, vocab=256, seed=0):
-    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, tokens):
-    with torch.no_grad():
-        return model(tokens).logits
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def wide_scales(n, seed):
