@@ -32,7 +32,7 @@ def _first_tensor(out):
 
 @torch.inference_mode()
 def capture_block_inputs(
-    model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, batch_size: int = 8
+    model: nn.Module, adapter: Adapter, input_ids: torch.Tensor
 ) -> tuple[torch.Tensor, dict]:
     """Hidden states entering block 0 for each row of `input_ids` ([N, L] -> [N, L, H]), and
     the other keyword arguments the block receives (rotary embeddings, mask, ...).
