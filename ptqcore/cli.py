@@ -133,10 +133,12 @@ def _cmd_list(args) -> int:
         print("  (or any Hugging Face id or local checkpoint folder)")
     if "methods" in show:
         print("methods:")
-        print(f"  {'name':6s} {'strategy':13s} {'kind':10s} {'calibration':11s} paper")
-        for info in [FP, *(cls.info for cls in METHODS.values())]:
+        infos = [FP, *(cls.info for cls in METHODS.values())]
+        w = max(len(i.name) for i in infos)
+        print(f"  {'name':{w}s} {'strategy':14s} {'kind':9s} {'calibration':11s} paper")
+        for info in infos:
             calib = "yes" if info.needs_calibration else "no"
-            print(f"  {info.name:6s} {info.strategy:13s} {info.kind:10s} {calib:11s} {info.paper}")
+            print(f"  {info.name:{w}s} {info.strategy:14s} {info.kind:9s} {calib:11s} {info.paper}")
     if "datasets" in show:
         print("datasets:")
         for name in sorted(DATASETS):
@@ -148,6 +150,8 @@ def _cmd_list(args) -> int:
             limit = "all" if p.eval_limit is None else p.eval_limit
             print(f"  {p.name:6s} calib {p.calib_dataset} {p.nsamples} x {p.calib_seqlen} seed {p.seed}; "
                   f"eval {','.join(p.eval_datasets)} seqlen {p.eval_seqlen} limit {limit} ({p.meant_for})")
+            for method, knobs in p.method_defaults.items():
+                print(f"         {method} defaults: {', '.join(f'{k}={v}' for k, v in knobs.items())}")
     return 0
 
 

@@ -105,14 +105,20 @@ def _split_options(parts: list[str], options: dict) -> dict[str, dict]:
     return per_step
 
 
-def build_pipeline(name: str, spec: QuantSpec | None, options: dict | None = None) -> Pipeline:
-    """Validate and instantiate. `options` map knob names (or `step.knob`) to values."""
+def build_pipeline(
+    name: str, spec: QuantSpec | None, options: dict | None = None, defaults: dict | None = None
+) -> Pipeline:
+    """Validate and instantiate. `options` map knob names (or `step.knob`) to values;
+    `defaults` ({method: {knob: value}}, a profile's) apply where `options` leave a knob unset."""
     from .methods import get_method
 
     parts = validate_pipeline_name(name)
     if not parts:
         raise ValueError("method 'fp' quantizes nothing; there is no pipeline for it")
     per_step = _split_options(parts, options or {})
+    for part in parts:
+        for knob, value in (defaults or {}).get(part, {}).items():
+            per_step[part].setdefault(knob, value)
     quantizer = parts[-1]
     for part in parts[:-1]:
         for knob, value in METHODS[part].info.quantizer_defaults:

@@ -77,10 +77,13 @@ class RunSpec:
         else:
             if self.spec is None:
                 raise ValueError(f"method {self.method} needs --wbits")
-            build_pipeline(self.method, self.spec, self.options)  # validates the chain and its knobs
+            self.pipeline()  # validates the chain and its knobs
 
     def pipeline(self):
-        return None if self.method == FP.name else build_pipeline(self.method, self.spec, self.options)
+        if self.method == FP.name:
+            return None
+        p, _ = self.resolved()
+        return build_pipeline(self.method, self.spec, self.options, defaults=p.method_defaults)
 
     def method_config(self) -> dict:
         pipeline = self.pipeline()

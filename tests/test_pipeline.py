@@ -44,6 +44,20 @@ def test_transform_sets_quantizer_defaults_beneath_user_options():
     assert "act_order" not in build_pipeline("quip+rtn", QuantSpec(3)).config()["rtn"]
 
 
+def test_profile_method_defaults_apply_beneath_user_options():
+    from ptqcore.runner import RunSpec
+
+    def epochs(method="omniquant", profile="cpu", **options):
+        return RunSpec("tiny-llama", method, QuantSpec(3, 128), profile=profile, options=options).config()[
+            "method_config"]["omniquant"]["epochs"]
+
+    assert epochs() == 2  # the cpu profile's reduced count
+    assert epochs(profile="paper") == 20  # the reference's scripts
+    assert epochs(epochs=5) == 5
+    assert epochs("awq+omniquant") == 2
+    assert "epochs" not in RunSpec("tiny-llama", "gptq", QuantSpec(3), profile="cpu").config()["method_config"]["gptq"]
+
+
 def test_weight_activation_rtn_runs_and_hurts_more_at_4_bits():
     ids = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(0))
     ref = make_tiny_llama()
