@@ -4,6 +4,14 @@ Capture the inputs of block 0 for the calibration windows, then for each block: 
 method update the block (it collects the statistics it needs through `BlockContext`), check
 the quantized weights, and feed the block's (quantized) outputs to the next block. Peak
 memory is about one block plus the calibration activations: the model is never copied.
+
+Mixtures of experts: a group's `parts` are the linears that see the same tokens (one expert's
+gate/up see exactly the tokens routed to that expert). `BlockContext.feed_parts` hands each part
+its own inputs from one pass, so per-expert statistics (GPTQ/QuIP Hessians, AWQ clip inputs)
+come from routed tokens only. An expert's part that received fewer than `min_expert_tokens`
+calibration tokens falls back to RTN on the same grid (no data-driven step for it); methods ask
+`BlockContext.fallback(part, tokens)`, which records it, and `BlockwiseResult.expert_fallbacks`
+lists every such linear with its token count (the run's results count them in `notes`).
 """
 
 from __future__ import annotations
@@ -68,6 +76,15 @@ def check_finite(tensor: torch.Tensor, what: str) -> None:
         raise NonFiniteError(f"NaN or Inf in {what}")
 
 
+# An expert that saw fewer routed calibration tokens than this is quantized with RTN (its grid
+# alone): a Hessian of so few tokens (rank < 32) would fit them rather than the expert's input.
+MIN_EXPERT_TOKENS = 32
+
+
+def _rows(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1] if x.dim() else 0
+
+
 class BasisTransform:
     """A change of basis around a quantizer's per-layer problem (QuIP's incoherence processing).
 
@@ -94,6 +111,8 @@ class BlockContext:
     kwargs: dict
     batch_size: int = 1
     basis: list[BasisTransform] = field(default_factory=list)  # set by transform steps for the quantizer
+    min_expert_tokens: int = MIN_EXPERT_TOKENS
+    fallbacks: dict = field(default_factory=dict)  # routed linear -> tokens it saw, when below the minimum
 
     def to_basis(self, W: torch.Tensor, H: torch.Tensor | None, layer: str):
         """Apply every registered basis transform; returns (W', H', undo states)."""
@@ -124,14 +143,15 @@ class BlockContext:
     def feed_inputs(self, group: LinearGroup, consume: Callable[[torch.Tensor], None]) -> None:
         """Run the block on every batch only as far as `group`'s input, and hand that input
         to `consume` (e.g. a Hessian accumulator). Work after that point is skipped."""
-        module = self.block.get_submodule(group.linears[0])
+        module = self.block.get_submodule(group.input_module)
 
-        def hook(mod, args):
-            check_finite(args[0], f"block {self.index}, the input of {', '.join(group.linears)} during calibration")
-            consume(args[0])
+        def hook(mod, args, kwargs):
+            x = args[0] if args else kwargs["hidden_states"]
+            check_finite(x, f"block {self.index}, the input of {', '.join(group.linears)} during calibration")
+            consume(x)
             raise _Stop
 
-        handle = module.register_forward_pre_hook(hook)
+        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
         try:
             for x in self.batches():
                 try:
@@ -141,6 +161,80 @@ class BlockContext:
         finally:
             handle.remove()
 
+    @torch.inference_mode()
+    def feed_parts(self, group: LinearGroup, consume: Callable[[int, torch.Tensor], None]) -> list[int]:
+        """Hand the input of each token set of `group` (`group.token_sets()`: one per expert in an
+        MoE group; one, all linears, in a dense group) to `consume(index, x)`, from one pass of the
+        block per batch that stops after `group.inspect`. Returns the number of tokens each set saw
+        (0 for an expert no token was routed to). Dense groups go through `feed_inputs`."""
+        sets = group.token_sets()
+        counts = [0] * len(sets)
+        if not group.parts:
+            def single(x: torch.Tensor) -> None:
+                counts[0] += _rows(x)
+                consume(0, x)
+
+            self.feed_inputs(group, single)
+            return counts
+
+        def hook(index: int):
+            def record(mod, args):
+                check_finite(args[0], f"block {self.index}, the input of {', '.join(sets[index])} during calibration")
+                counts[index] += _rows(args[0])
+                consume(index, args[0])
+            return record
+
+        def stop(mod, args, out):
+            raise _Stop
+
+        handles = [self.block.get_submodule(part[0]).register_forward_pre_hook(hook(i)) for i, part in enumerate(sets)]
+        handles.append(self.block.get_submodule(group.inspect).register_forward_hook(stop))
+        try:
+            for x in self.batches():
+                try:
+                    self.block(x, **self.kwargs)
+                except _Stop:
+                    pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return counts
+
+    @torch.inference_mode()
+    def feed_stage(self, groups: list[LinearGroup], consume: Callable[[int, int, torch.Tensor], None]) -> list[list[int]]:
+        """`feed_parts` for several groups of one stage (`Adapter.stages()`) at once:
+        `consume(group index, token-set index, x)`, one full pass of the block per batch. A
+        one-group stage is `feed_parts` (early stop). Returns the token counts per group and set."""
+        if len(groups) == 1:
+            return [self.feed_parts(groups[0], lambda i, x: consume(0, i, x))]
+        counts = [[0] * len(g.token_sets()) for g in groups]
+
+        def hook(gi: int, si: int, names: tuple[str, ...]):
+            def record(mod, args):
+                check_finite(args[0], f"block {self.index}, the input of {', '.join(names)} during calibration")
+                counts[gi][si] += _rows(args[0])
+                consume(gi, si, args[0])
+            return record
+
+        handles = [self.block.get_submodule(names[0]).register_forward_pre_hook(hook(gi, si, names))
+                   for gi, group in enumerate(groups) for si, names in enumerate(group.token_sets())]
+        try:
+            for x in self.batches():
+                self.block(x, **self.kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return counts
+
+    def fallback(self, part: tuple[str, ...], tokens: int) -> bool:
+        """Whether the routed linears of `part` saw too few tokens for a data-driven step; if so
+        they are recorded (they get RTN). Linears that see every token never fall back."""
+        routed = [name for name in part if self.adapter.is_routed(name)]
+        if not routed or tokens >= self.min_expert_tokens:
+            return False
+        self.fallbacks.update({name: tokens for name in routed})
+        return True
+
 
 @dataclass
 class BlockwiseResult:
@@ -148,6 +242,18 @@ class BlockwiseResult:
     weight_rel_change: float  # ||W_after - W_before|| / ||W_before|| over every adapter linear
     prepared: dict = field(default_factory=dict)  # what whole-model steps returned (pipelines)
     act_hooks: list = field(default_factory=list)  # activation fake-quant hook handles
+    # "block.linear" -> routed calibration tokens, for experts that fell back to RTN (MoE only)
+    expert_fallbacks: dict = field(default_factory=dict)
+
+
+def expert_fallback_note(fallbacks: dict) -> str:
+    """A line for a results row's `notes` ("" without fallbacks): how many expert linears fell
+    back to RTN for want of routed calibration tokens."""
+    if not fallbacks:
+        return ""
+    blocks = sorted({int(key.split(".", 1)[0]) for key in fallbacks})
+    return (f"{len(fallbacks)} expert linears fell back to RTN (fewer than the minimum of routed calibration "
+            f"tokens; blocks {', '.join(map(str, blocks))})")
 
 
 def quantize_blockwise(
@@ -158,6 +264,7 @@ def quantize_blockwise(
     batch_size: int = 1,
     desc: str = "quantize",
     progress: bool = True,
+    min_expert_tokens: int = MIN_EXPERT_TOKENS,
 ) -> BlockwiseResult:
     """Run `process_block` on each block in order; collect its per-block state and measure
     how far the block's linear weights moved.
@@ -168,6 +275,9 @@ def quantize_blockwise(
     `batch_size` windows go through a block per forward. 1 reproduces the GPTQ reference's
     summation order; GPTQ at w3g128 on SmolLM2 moved from 51.65 to 59.11 wiki ppl with 8, from
     float rounding alone, so the default stays 1.
+
+    `min_expert_tokens`: a mixture-of-experts expert routed fewer calibration tokens than this
+    is quantized with RTN (see the module docstring); the result lists them.
     """
     blocks = adapter.get_blocks(model)
     hidden, kwargs = (None, {})
@@ -175,12 +285,15 @@ def quantize_blockwise(
         hidden, kwargs = capture_block_inputs(model, adapter, calib_ids)
         check_finite(hidden, "the calibration inputs of block 0")
     states = []
+    fallbacks: dict = {}
     moved = total = 0.0
     for index in tqdm(range(len(blocks)), desc=desc, unit="block", disable=not progress):
         block = blocks[index]
         before = {name: linear.weight.detach().clone() for name, linear in adapter.linears(block).items()}
-        ctx = BlockContext(index, block, adapter, hidden, kwargs, batch_size)
+        ctx = BlockContext(index, block, adapter.for_block(block), hidden, kwargs, batch_size,
+                           min_expert_tokens=min_expert_tokens)
         states.append(process_block(ctx))
+        fallbacks.update({f"{index}.{name}": tokens for name, tokens in ctx.fallbacks.items()})
         for name, linear in adapter.linears(block).items():
             check_finite(linear.weight, f"block {index}, layer {name} after quantization")
             moved += (linear.weight.detach().float() - before[name].float()).pow(2).sum().item()
@@ -189,4 +302,4 @@ def quantize_blockwise(
         if hidden is not None:
             hidden = ctx.forward()
             check_finite(hidden, f"the outputs of block {index} during calibration")
-    return BlockwiseResult(states, (moved / total) ** 0.5 if total else 0.0)
+    return BlockwiseResult(states, (moved / total) ** 0.5 if total else 0.0, expert_fallbacks=fallbacks)

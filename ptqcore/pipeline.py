@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .calib import BlockwiseResult, quantize_blockwise
+from .calib import MIN_EXPERT_TOKENS, BlockwiseResult, quantize_blockwise
 from .methods import FP, METHODS, Method, method_names
 from .models.adapters import Adapter
 from .quant import ActSpec, QuantSpec, fake_quant_act
@@ -147,8 +147,10 @@ def quantize_model(
     batch_size: int = 1,
     progress: bool = True,
     desc: str | None = None,
+    min_expert_tokens: int = MIN_EXPERT_TOKENS,
 ) -> BlockwiseResult:
-    """Apply the pipeline to `model` in place."""
+    """Apply the pipeline to `model` in place. Mixture-of-experts models: experts routed fewer
+    than `min_expert_tokens` calibration tokens fall back to RTN (`result.expert_fallbacks`)."""
     prepared = {step.info.name: step.prepare(model, adapter) for step in pipeline.steps}
 
     def process_block(ctx):
@@ -156,7 +158,7 @@ def quantize_model(
 
     result = quantize_blockwise(
         model, adapter, process_block, calib_ids if pipeline.needs_calibration else None, batch_size,
-        desc=desc or pipeline.name, progress=progress,
+        desc=desc or pipeline.name, progress=progress, min_expert_tokens=min_expert_tokens,
     )
     result.prepared = prepared
     if act is not None:

@@ -53,6 +53,15 @@ Deviations from the reference, each in one line:
   broadcast product [rows, tokens, groups, group size] (the same sums, in another order).
 - The inspect module receives only the block kwargs its `forward` names (AutoAWQ's
   `_sanitize_kwargs`), and the error is accumulated over batches of `ctx.batch_size` windows.
+
+Mixtures of experts (what the original benchmark could not run): one scale vector per input
+norm, searched jointly over every expert it feeds: the adapter's `moe_in` group holds all
+experts' gate/up (and the shared expert's), the loss is the MSE of the whole MoE block's output
+(router included, its weights scaled but not quantized), and the scale is folded into the norm,
+the experts and the router (`group.readers`). Each expert's up -> down scale is searched on the
+tokens routed to it (at most `search_tokens` of them, evenly spaced), and each expert's clip on
+its routed tokens. An expert routed fewer than the loop's `min_expert_tokens` gets neither (its
+quantizer rounds it plainly: RTN) and is recorded as a fallback.
 """
 
 from __future__ import annotations
@@ -250,7 +259,7 @@ def apply_awq(model: nn.Module, adapter: Adapter, states: Sequence[dict]) -> Non
     if len(states) != len(blocks):
         raise ValueError(f"{len(states)} AWQ block states for a model of {len(blocks)} blocks")
     for block, state in zip(blocks, states):
-        apply_awq_block(block, adapter, state)
+        apply_awq_block(block, adapter.for_block(block), state)
 
 
 @dataclass(frozen=True)
@@ -280,15 +289,28 @@ class AWQConfig(MethodConfig):
             raise ValueError(f"AWQ search_tokens must be a positive integer (or None: all), got {self.search_tokens!r}")
 
 
-def _capture_group_inputs(ctx: BlockContext) -> dict[str, torch.Tensor]:
-    """The input of every adapter group (the input of its first linear) for all calibration
-    windows, from one pass of the block ([N, L, C] each)."""
-    seen: dict[str, list[torch.Tensor]] = {group.name: [] for group in ctx.adapter.groups}
-    handles = [
-        ctx.block.get_submodule(group.linears[0]).register_forward_pre_hook(
-            lambda mod, args, _name=group.name: seen[_name].append(args[0].detach()))
-        for group in ctx.adapter.groups
-    ]
+def _capture_group_inputs(ctx: BlockContext) -> tuple[dict[str, torch.Tensor], dict[tuple[str, int], torch.Tensor]]:
+    """From one pass of the block: the whole input of every adapter group ([N, L, C]: the input of
+    its first linear, or of `group.input_at` in an MoE group) and the input of each of its token
+    sets (`group.token_sets()`; an expert's routed tokens, [T, C]; a dense group's only set is
+    the whole input, the same tensor)."""
+    whole: dict[str, list[torch.Tensor]] = {group.name: [] for group in ctx.adapter.groups}
+    parts: dict[tuple[str, int], list[torch.Tensor]] = {}
+    handles = []
+
+    def grab(store, key):
+        def hook(mod, args, kwargs):
+            store[key].append((args[0] if args else kwargs["hidden_states"]).detach())
+        return hook
+
+    for group in ctx.adapter.groups:
+        module = ctx.block.get_submodule(group.input_module)
+        handles.append(module.register_forward_pre_hook(grab(whole, group.name), with_kwargs=True))
+        if group.parts:
+            for i, names in enumerate(group.token_sets()):
+                parts[(group.name, i)] = []
+                handles.append(ctx.block.get_submodule(names[0]).register_forward_pre_hook(
+                    grab(parts, (group.name, i)), with_kwargs=True))
     try:
         with torch.no_grad():
             for x in ctx.batches():
@@ -296,7 +318,26 @@ def _capture_group_inputs(ctx: BlockContext) -> dict[str, torch.Tensor]:
     finally:
         for handle in handles:
             handle.remove()
-    return {name: torch.cat(parts) for name, parts in seen.items()}
+
+    def cat(chunks: list[torch.Tensor], columns: int) -> torch.Tensor:
+        if not chunks:  # an expert no token was routed to
+            return torch.empty(0, columns, device=ctx.inputs.device, dtype=ctx.inputs.dtype)
+        return torch.cat(chunks)
+
+    inputs = {}
+    for group in ctx.adapter.groups:
+        columns = ctx.linear(group.linears[0]).in_features
+        inputs[group.name] = cat(whole[group.name], columns)
+    part_inputs = {}
+    for group in ctx.adapter.groups:
+        for i, names in enumerate(group.token_sets()):
+            key = (group.name, i)
+            part_inputs[key] = cat(parts[key], ctx.linear(names[0]).in_features) if group.parts else inputs[group.name]
+    return inputs, part_inputs
+
+
+def _tokens(x: torch.Tensor) -> int:
+    return x.numel() // x.shape[-1]
 
 
 def search_window_indices(n_windows: int, seqlen: int, search_tokens: int | None) -> torch.Tensor:
@@ -325,7 +366,7 @@ class AWQ(Method):
             raise ValueError("AWQ needs calibration inputs")
         for name, linear in ctx.adapter.linears(ctx.block).items():
             check_group_size(linear.in_features, spec, f"{name} of block {ctx.index}")
-        inputs = _capture_group_inputs(ctx)
+        inputs, part_inputs = _capture_group_inputs(ctx)
         windows = search_window_indices(ctx.inputs.shape[0], ctx.inputs.shape[1], cfg.search_tokens)
         state: dict = {"scales": {}, "clip": {}, "skipped": {}, "group_size": spec.group_size,
                        "search_windows": len(windows)}
@@ -335,25 +376,41 @@ class AWQ(Method):
                 state["skipped"][group.name] = reason
                 continue
             x = inputs[group.name]
+            if not group.parts and ctx.fallback(group.linears, _tokens(x)):  # an expert's down, too few tokens
+                state["skipped"][group.name] = f"{_tokens(x)} routed calibration tokens (fallback: RTN)"
+                continue
             linears = [ctx.linear(name) for name in group.linears]
             w_mean = weight_mean([lin.weight for lin in linears], spec.group_size) if cfg.duo_scaling else None
+            if x.dim() == 3:  # whole windows
+                search_x, batch = x[windows], ctx.batch_size
+            else:  # routed tokens [T, C]: evenly spaced, at most search_tokens
+                step = max(1, _tokens(x) // cfg.search_tokens) if cfg.search_tokens else 1
+                search_x = x[::step][: cfg.search_tokens]
+                batch = ctx.batch_size * ctx.inputs.shape[1]
             found = search_scales(
-                ctx.block.get_submodule(group.inspect), linears, x[windows], activation_mean(x), spec,
-                ctx.kwargs, cfg.n_grid, w_mean, ctx.batch_size,
+                ctx.block.get_submodule(group.inspect), linears, search_x, activation_mean(x), spec,
+                ctx.kwargs, cfg.n_grid, w_mean, batch,
             )
             fold_scale(ctx.block, group, found.scales)
             x.div_(found.scales)  # the group's input in the scaled block (the reference's input_feat /= s)
+            for i in range(len(group.token_sets())):
+                if part_inputs[(group.name, i)] is not x:
+                    part_inputs[(group.name, i)].div_(found.scales)
             state["scales"][group.name] = {
                 "prev": group.prev, "linears": list(group.linears), "scales": found.scales,
                 "ratio": found.ratio, "loss": min(found.losses), "losses": found.losses,
             }
         if cfg.clip:
             for group in ctx.adapter.groups:
-                for name in clipped_linears(ctx.adapter, group):
-                    state["clip"][name] = search_clip(
-                        ctx.linear(name).weight, inputs[group.name], spec, cfg.n_grid, cfg.max_shrink,
-                        cfg.n_sample_token,
-                    )
+                clipped = clipped_linears(ctx.adapter, group)
+                for i, names in enumerate(group.token_sets()):
+                    x = part_inputs[(group.name, i)]
+                    if ctx.fallback(names, _tokens(x)):
+                        continue
+                    for name in (n for n in names if n in clipped):
+                        state["clip"][name] = search_clip(
+                            ctx.linear(name).weight, x, spec, cfg.n_grid, cfg.max_shrink, cfg.n_sample_token,
+                        )
             for name, max_val in state["clip"].items():
                 apply_clip(ctx.linear(name), max_val, spec.group_size)
         return state

@@ -19,6 +19,10 @@ flags are off by default; its best published numbers and our reference figures u
 Deviation, one line: linears that read the same input (q/k/v; gate/up) share one Hessian and
 GPTQ treats rows independently, so their rows are stacked and quantized in one call — the
 result is identical to quantizing them one by one, at a third of the Cholesky/loop work.
+
+Mixtures of experts: each expert's linears (a part of the adapter group) get the Hessian of
+the tokens routed to that expert only; an expert routed fewer than the loop's
+`min_expert_tokens` gets RTN on the same grid instead (recorded by `BlockContext.fallback`).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 import torch
 
 from ..calib import BlockContext
-from ..quant import QuantSpec, check_group_size, find_params, quantize
+from ..quant import QuantSpec, check_group_size, find_params, quantize, quantize_weight
 from .base import Method, MethodConfig, MethodInfo
 
 
@@ -194,26 +198,33 @@ class GPTQ(Method):
         except RuntimeError as err:
             raise RuntimeError(f"block {ctx.index}, layers {', '.join(names)}: {err}") from None
 
-    def _quantize_group(self, ctx: BlockContext, group, H: torch.Tensor) -> dict:
+    def _quantize_part(self, ctx: BlockContext, names: tuple[str, ...], H: torch.Tensor | None) -> tuple[dict, float]:
+        """Quantize linears that share one Hessian (stacked rows); `H` None: RTN (expert fallback)."""
         cfg = self.config
-        linears = [ctx.linear(name) for name in group.linears]
-        for name, linear in zip(group.linears, linears):
+        linears = [ctx.linear(name) for name in names]
+        for name, linear in zip(names, linears):
             check_group_size(linear.in_features, cfg.spec, f"{name} of block {ctx.index}")
         state = {}
+        if H is None:
+            for name, linear in zip(names, linears):
+                W, _, undo = ctx.to_basis(linear.weight.data.float(), None, name)
+                qw = quantize_weight(W, cfg.spec)
+                linear.weight.data = ctx.from_basis(qw.dequantize(), undo).to(linear.weight.dtype).contiguous()
+                state[name] = {"scale": qw.scale, "zero": qw.zero, "g_idx": qw.g_idx, "fallback": "rtn"}
+            return state, 0.0
         if ctx.basis:  # a change of basis is per layer: quantize each linear on its own
             loss = 0.0
-            for name, linear in zip(group.linears, linears):
+            for name, linear in zip(names, linears):
                 W, Hb, undo = ctx.to_basis(linear.weight.data.float(), H, name)
                 result = self._gptq(ctx, (name,), W, Hb)
                 linear.weight.data = ctx.from_basis(result.weight, undo).to(linear.weight.dtype).contiguous()
                 state[name] = {"scale": result.scale, "zero": result.zero, "g_idx": result.g_idx, "basis": True}
                 loss += result.loss
-            state[group.name + ".loss"] = loss
-            return state
+            return state, loss
         W = torch.cat([linear.weight.data for linear in linears], 0)
-        result = self._gptq(ctx, group.linears, W, H)
+        result = self._gptq(ctx, names, W, H)
         start = 0
-        for name, linear in zip(group.linears, linears):
+        for name, linear in zip(names, linears):
             stop = start + linear.out_features
             linear.weight.data = result.weight[start:stop].to(linear.weight.dtype).contiguous()
             state[name] = {
@@ -222,20 +233,37 @@ class GPTQ(Method):
                 "g_idx": result.g_idx,
             }
             start = stop
-        state[group.name + ".loss"] = result.loss
+        return state, result.loss
+
+    def _quantize_group(self, ctx: BlockContext, group, hessians: list) -> dict:
+        """`hessians`: one per token set of the group (None: too few routed tokens, RTN)."""
+        state, loss = {}, 0.0
+        for names, H in zip(group.token_sets(), hessians):
+            part_state, part_loss = self._quantize_part(ctx, names, H)
+            state.update(part_state)
+            loss += part_loss
+        state[group.name + ".loss"] = loss
         return state
 
-    def _hessian(self, ctx: BlockContext, group) -> torch.Tensor:
-        acc = HessianAccumulator(ctx.linear(group.linears[0]).in_features, ctx.inputs.device)
-        ctx.feed_inputs(group, acc.add_batch)
-        return acc.H
+    def _hessian(self, ctx: BlockContext, group) -> list:
+        return self._hessians(ctx, [group])[0]
+
+    def _hessians(self, ctx: BlockContext, groups: list) -> list[list]:
+        """Per group, per token set: the Hessian of its inputs (None: an expert with too few
+        routed tokens, RTN), from one pass for a stage of groups."""
+        accs = [[HessianAccumulator(ctx.linear(names[0]).in_features, ctx.inputs.device) for names in g.token_sets()]
+                for g in groups]
+        counts = ctx.feed_stage(groups, lambda gi, si, x: accs[gi][si].add_batch(x))
+        return [[None if ctx.fallback(names, n) else acc.H for names, acc, n in zip(g.token_sets(), a, c)]
+                for g, a, c in zip(groups, accs, counts)]
 
     @torch.no_grad()
     def process_block(self, ctx: BlockContext) -> dict:
         state = {}
         if self.config.true_sequential:
-            for group in ctx.adapter.groups:
-                state.update(self._quantize_group(ctx, group, self._hessian(ctx, group)))
+            for stage in ctx.adapter.stages():  # a stage's groups do not feed each other
+                for group, hessians in zip(stage, self._hessians(ctx, stage)):
+                    state.update(self._quantize_group(ctx, group, hessians))
         else:
             hessians = [self._hessian(ctx, group) for group in ctx.adapter.groups]
             for group, H in zip(ctx.adapter.groups, hessians):

@@ -52,7 +52,9 @@ Deviations from the reference, each deliberate:
   has one entry per k row, shared by the query heads of its group, and is tied across the two
   halves of each head (the pairs that rotary embeddings rotate together), so the attention
   scores are unchanged exactly; the reference's MHA code scales each q row independently,
-  which rotary embeddings do not commute with. Both reference versions start q/k at 1.
+  which rotary embeddings do not commute with. Both reference versions start q/k at 1. No q/k
+  scale where the adapter says q and k are normalised after their projections (`query_key_norm`:
+  Qwen3-MoE, OLMoE).
 - SmoothQuant's weight statistic is `max|W_j|` over all linears that read the channel (the
   reference uses only q_proj for q/k/v and only up_proj for gate/up). The activation statistic
   comes from the block's own fp-stream inputs, not a separate pass over another dataset.
@@ -63,6 +65,11 @@ Deviations from the reference, each deliberate:
   final weights are cast back to the block's dtype.
 - Does not combine with a per-layer basis transform (QuIP): LWC learns on the weights the block
   computes with; a pipeline with one is refused with a clear error.
+- Mixtures of experts: the block (router, every expert) is trained as a whole through its own
+  forward, so each expert's clipping learns from the tokens routed to it; LET's norm scale also
+  multiplies the router's (and shared-expert gate's) columns, which stay in full precision. An
+  expert routed fewer than the loop's `min_expert_tokens` on the fp stream gets no LWC: plain
+  min-max, i.e. RTN (recorded as a fallback).
 """
 
 from __future__ import annotations
@@ -214,6 +221,7 @@ class OmniBlock:
         let: bool = True,
         act_max: dict[str, torch.Tensor] | None = None,
         alpha: float = 0.5,
+        frozen: frozenset[str] = frozenset(),
     ):
         self.block, self.adapter, self.spec = block, adapter, spec
         self.base = {n: p.detach().float() for n, p in block.named_parameters()}
@@ -223,6 +231,8 @@ class OmniBlock:
         self.lwc: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if lwc and spec is not None:
             for name in self.linear_names:
+                if name in frozen:  # an expert without enough routed tokens: plain min-max (RTN)
+                    continue
                 w = self.base[f"{name}.weight"]
                 groups = -(-w.shape[1] // (spec.group_size or w.shape[1]))
                 self.lwc[name] = tuple(
@@ -235,7 +245,7 @@ class OmniBlock:
                 raise ValueError("LET needs the activation maxima of the block's inputs (act_max)")
             for group in self.norm_groups:
                 wmax = torch.cat([self.base[f"{n}.weight"] for n in group.linears]).abs().amax(0)
-                s = smooth_scale(act_max[group.linears[0]].float(), wmax, alpha)
+                s = smooth_scale(act_max[group.input_module].float(), wmax, alpha)
                 self.let[group.name] = s.clone().requires_grad_()
             if self.layout is not None:
                 L = self.layout
@@ -243,8 +253,9 @@ class OmniBlock:
                 act = self._reduce_to_kv(act_max[L.o].float(), kv_rows)
                 wmax = self._reduce_to_kv(self.base[f"{L.o}.weight"].abs().amax(0), kv_rows)
                 self.let["vo"] = smooth_scale(act, wmax, alpha).clone().requires_grad_()
-                k_rows = self.base[f"{L.k}.weight"].shape[0]
-                self.let["qk"] = torch.ones(k_rows // 2, device=wmax.device, requires_grad=True)
+                if not adapter.query_key_norm:  # a norm after q and k would undo the scales
+                    k_rows = self.base[f"{L.k}.weight"].shape[0]
+                    self.let["qk"] = torch.ones(k_rows // 2, device=wmax.device, requires_grad=True)
 
     def _reduce_to_kv(self, per_column: torch.Tensor, kv_rows: int) -> torch.Tensor:
         """Max over the o columns that read the same v row."""
@@ -282,7 +293,7 @@ class OmniBlock:
             s = self.let[group.name]
             mul(f"{group.prev}.weight", 1 / s)
             mul(f"{group.prev}.bias", 1 / s)
-            for name in group.linears:
+            for name in group.fold_targets:
                 mul(f"{name}.weight", s[None, :])
         if "vo" in self.let:
             L, s = self.layout, self.let["vo"]
@@ -405,9 +416,12 @@ class OmniQuant(Method):
         super().__init__(config)
         self._fp_inputs: torch.Tensor | None = None  # the full-precision stream, across blocks
 
-    def _fp_pass(self, ctx: BlockContext, fp_in: torch.Tensor, kwargs: dict, watch: list[str]):
-        """The block's fp outputs on the fp stream, and the per-channel max |input| of `watch`."""
+    def _fp_pass(self, ctx: BlockContext, fp_in: torch.Tensor, kwargs: dict, watch: list[str],
+                 count: list[str] = ()):
+        """The block's fp outputs on the fp stream, the per-channel max |input| of `watch` and the
+        number of tokens each module of `count` (routed experts) received."""
         act_max: dict[str, torch.Tensor] = {}
+        tokens = dict.fromkeys(count, 0)
 
         def hook(name):
             def record(module, args):
@@ -415,7 +429,13 @@ class OmniQuant(Method):
                 act_max[name] = m if name not in act_max else torch.maximum(act_max[name], m)
             return record
 
+        def counter(name):
+            def record(module, args):
+                tokens[name] += args[0].numel() // args[0].shape[-1]
+            return record
+
         handles = [ctx.block.get_submodule(n).register_forward_pre_hook(hook(n)) for n in watch]
+        handles += [ctx.block.get_submodule(n).register_forward_pre_hook(counter(n)) for n in count]
         try:
             with torch.no_grad():
                 outs = [
@@ -425,7 +445,7 @@ class OmniQuant(Method):
         finally:
             for h in handles:
                 h.remove()
-        return torch.cat(outs), act_max
+        return torch.cat(outs), act_max, tokens
 
     def process_block(self, ctx: BlockContext) -> dict:
         cfg = self.config
@@ -450,11 +470,14 @@ class OmniQuant(Method):
                 self._fp_inputs = quant_in.clone()  # both streams start from block 0's inputs
             watch = []
             if cfg.let:
-                watch = [g.linears[0] for g in ctx.adapter.norm_groups()]
+                watch = [g.input_module for g in ctx.adapter.norm_groups()]
                 if ctx.adapter.value_out is not None:
                     watch.append(ctx.adapter.value_out[1])
-            fp_out, act_max = self._fp_pass(ctx, self._fp_inputs, ctx.kwargs, watch)
-            omni = OmniBlock(ctx.block, ctx.adapter, cfg.spec, cfg.lwc, cfg.let, act_max, cfg.alpha)
+            parts = [part for group in ctx.adapter.groups for part in group.token_sets()
+                     if ctx.adapter.is_routed(part[0])]
+            fp_out, act_max, tokens = self._fp_pass(ctx, self._fp_inputs, ctx.kwargs, watch, [p[0] for p in parts])
+            frozen = frozenset(name for part in parts if ctx.fallback(part, tokens[part[0]]) for name in part)
+            omni = OmniBlock(ctx.block, ctx.adapter, cfg.spec, cfg.lwc, cfg.let, act_max, cfg.alpha, frozen)
             losses = self._train(ctx, omni, quant_in, fp_out, kwargs) if cfg.epochs else []
             state = omni.fold()
             self._fp_inputs = fp_out

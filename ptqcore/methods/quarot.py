@@ -28,6 +28,10 @@ Deviations, one line each:
   (`ptqcore.transforms.hadamard`), not the reference's hardcoded matrices (e.g. had172);
 - down_proj's activations are quantized at the pipeline's activation bits (the reference
   can keep them at 8 bits with `--int8_down_proj`).
+- Mixtures of experts: the router and shared-expert gate are rotated with the residual stream
+  (they read it); every expert's down projection gets its own online Hadamard. Without a
+  per-head value -> output map (DeepSeek's multi-head latent attention: `value_out` None) the
+  per-head rotation is skipped and the state says why.
 """
 
 from __future__ import annotations
@@ -82,7 +86,11 @@ class QuaRot(Method):
         # x @ Q for Q = random_hadamard(hidden, seed), without forming Q
         rotate_residual(model, adapter, lambda x: hadamard_transform(x) * signs.to(x.device))
         state = {"seed": cfg.seed, "hidden_size": hidden, "untied_lm_head": untied}
-        if cfg.rotate_heads:
+        if cfg.rotate_heads and adapter.value_out is None:
+            state["rotate_heads"] = (f"skipped: adapter {adapter.name} has no per-head value -> output map "
+                                     "(value_out): DeepSeek's multi-head latent attention packs keys and values in "
+                                     "one projection; OLMoE's clip_qkv clamps the values")
+        elif cfg.rotate_heads:
             size = head_dim(model)
             rotate_heads(model, adapter, size)
             state["head_dim"] = size
@@ -90,7 +98,7 @@ class QuaRot(Method):
             rotate_mlp_out_input(model, adapter)
             self.hooks = add_online_hadamard(model, adapter)
             block = adapter.get_blocks(model)[0]
-            state["online_hadamard"] = {n: block.get_submodule(n).in_features for n in mlp_out_writers(adapter)}
+            state["online_hadamard"] = {n: block.get_submodule(n).in_features for n in mlp_out_writers(adapter, block)}
         return state
 
     def process_block(self, ctx: BlockContext) -> None:

@@ -62,6 +62,9 @@ Deviations, one bullet each:
   a random 2 x 2 rotation for p = 2).
 - seeds per (seed, block, layer) by hashing (the reference draws from the global torch RNG).
 - float64 throughout (the reference: float32; quip-sharp: float64 optional).
+- Mixtures of experts: each expert's linears are transformed with the Hessian of their routed
+  tokens (the quantizer's); an expert with too few routed tokens gets RTN from the quantizer
+  and, for `quip+rtn`, no rescaling (only the random orthogonal transforms).
 """
 
 from __future__ import annotations
@@ -179,9 +182,14 @@ class _BlockHessians:
         if self.hessians is None:
             self.hessians = {}
             for group in self.ctx.adapter.groups:
-                acc = HessianAccumulator(self.ctx.linear(group.linears[0]).in_features, self.ctx.inputs.device)
-                self.ctx.feed_inputs(group, acc.add_batch)
-                self.hessians.update({name: acc.H for name in group.linears})
+                sets = group.token_sets()
+                accs = [HessianAccumulator(self.ctx.linear(names[0]).in_features, self.ctx.inputs.device)
+                        for names in sets]
+                counts = self.ctx.feed_parts(group, lambda i, x, _accs=accs: _accs[i].add_batch(x))
+                for names, acc, n in zip(sets, accs, counts):
+                    # an expert with too few routed tokens is not rescaled (no usable Hessian)
+                    H = None if self.ctx.adapter.is_routed(names[0]) and n < self.ctx.min_expert_tokens else acc.H
+                    self.hessians.update({name: H for name in names})
         return self.hessians.get(layer)
 
 

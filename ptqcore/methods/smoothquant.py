@@ -24,6 +24,9 @@ Deviations from the reference, each in one line:
   stream (`prepare` gets no data), and these are the activations the quantized model will
   actually feed the smoothed linears, so the scale balances what the quantizers will see.
 - Everything in float32 (the fold in float64); the reference casts the scales to the model dtype.
+- Mixtures of experts: one scale per norm, `max|X_j|` over every token entering the MoE block
+  (the group's `input_at`), `max|W_j|` over every expert's gate/up; the router and shared-expert
+  gate (`group.readers`) get the same column scaling and stay in full precision.
 """
 
 from __future__ import annotations

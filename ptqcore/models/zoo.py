@@ -5,6 +5,12 @@ GGUF). It is de-quantized by transformers into float32 once (~25 s) and cached a
 safetensors under `$PTQCORE_CACHE/models/` (default `~/.cache/ptqcore`); later loads take
 about a second. Its weights lie on an asymmetric 4-bit grid with groups of 32 (Q4_1), so
 any W4 asymmetric setting with groups dividing 32 is (nearly) lossless by construction.
+
+`smollm2-moe` (Mixtral, 8 experts, top-2) and `smollm2-dsmoe` (Qwen2-MoE / DeepSeekMoE style:
+a shared expert + 16 routed experts, top-4) are SmolLM2-135M upcycled into mixtures of experts
+(`ptqcore.models.upcycle`): identical experts, a router built from a clustering of the MLP's
+neurons on wiki train text. Built on first use (progress shown, wall time recorded in the
+card `README.md` and `build.json` of the cached folder), deterministic.
 """
 
 from __future__ import annotations
@@ -91,6 +97,72 @@ def _build_tiny_llama(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+# Upcycled MoE recipes: router fitted on these wiki train windows (nsamples, seqlen, seed); the
+# routing histogram is taken on the cpu profile's calibration windows (what experts are calibrated on).
+ROUTER_WINDOWS = (8, 512, 1234)
+HISTOGRAM_WINDOWS = (32, 512, 0)
+
+
+def build_upcycled(out: Path, name: str, dense, tokenizer, recipe: str, n_experts: int, top_k: int, base: str,
+                   router_windows: tuple[int, int, int] = ROUTER_WINDOWS,
+                   histogram_windows: tuple[int, int, int] = HISTOGRAM_WINDOWS, check_tokens: int = 512,
+                   progress: bool = True) -> dict:
+    """Upcycle `dense` (a loaded Llama) into an MoE checkpoint in `out`, with its card. Returns
+    the recorded facts (build seconds, routing histogram, fp check)."""
+    import json
+    import time
+
+    from tqdm.auto import tqdm
+
+    from .. import data
+    from . import upcycle as up
+
+    start = time.perf_counter()
+    train = data.tokenize_split("wiki", "train", tokenizer)
+    ids = data.calibration_windows(train, *router_windows)
+    bar = tqdm(total=dense.config.num_hidden_layers, desc=f"routers ({recipe})", unit="layer", disable=not progress)
+    routers = up.routers_from_activations(dense, ids, n_experts, seed=0, progress=lambda i: bar.update())
+    bar.close()
+    say = print if progress else (lambda *a: None)
+    say(f"{name}: upcycling into {recipe} ({n_experts} experts, top-{top_k}); routing histogram on "
+        f"{histogram_windows[0]} x {histogram_windows[1]} wiki train tokens; fp check; saving")
+    moe = up.upcycle(dense, routers, recipe, top_k)
+    hist_ids = data.calibration_windows(train, *histogram_windows)
+    hist = up.routing_histogram(dense, routers, hist_ids, top_k)
+    test = data.tokenize_split("wiki", "test", tokenizer)[:check_tokens][None]
+    with torch.no_grad():
+        ref = dense(test).logits
+        got = moe(test).logits
+    diff = ((got - ref).abs().max() / ref.abs().max()).item()
+    moe.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    info = {
+        "base": base, "recipe": recipe, "architecture": type(moe).__name__, "layers": dense.config.num_hidden_layers,
+        "intermediate": dense.config.intermediate_size, "n_experts": n_experts, "top_k": top_k, "seed": 0,
+        "router_windows": f"wiki train, {router_windows[0]} x {router_windows[1]}, seed {router_windows[2]}",
+        "router_tokens": router_windows[0] * router_windows[1],
+        "histogram_windows": f"wiki train, {histogram_windows[0]} x {histogram_windows[1]}, seed {histogram_windows[2]}"
+                             " (the cpu profile's calibration windows)",
+        "histogram_tokens": histogram_windows[0] * histogram_windows[1],
+        "routing_histogram": hist, "routing_entropy_ratio": up.entropy_ratio(hist),
+        "fp_max_rel_diff": diff, "check_tokens": int(test.numel()), "threads": torch.get_num_threads(),
+    }
+    info["build_seconds"] = time.perf_counter() - start  # everything but writing the card
+    (out / "build.json").write_text(json.dumps(info, indent=1))
+    (out / "README.md").write_text(up.model_card(name, recipe, info))
+    return info
+
+
+def _build_smollm2_upcycled(recipe: str, n_experts: int, top_k: int, name: str) -> Callable[[Path], None]:
+    def build(out: Path) -> None:
+        dense = load_model("smollm2-135m")
+        info = build_upcycled(out, name, dense.model, dense.tokenizer, recipe, n_experts, top_k, "SmolLM2-135M-Instruct")
+        print(f"{name}: built in {info['build_seconds']:.0f} s; fp logits vs dense: max rel diff "
+              f"{info['fp_max_rel_diff']:.1e}; routing entropy / log(E) = {info['routing_entropy_ratio']:.3f}")
+
+    return build
+
+
 MODELS: dict[str, ModelEntry] = {
     "smollm2-135m": ModelEntry(
         "smollm2-135m",
@@ -103,6 +175,18 @@ MODELS: dict[str, ModelEntry] = {
         "tiny-llama",
         "random 2-block Llama (hidden 64) with SmolLM2's tokenizer, seed 0: smoke tests and dry runs only",
         _build_tiny_llama,
+    ),
+    "smollm2-moe": ModelEntry(
+        "smollm2-moe",
+        "SmolLM2-135M upcycled to Mixtral: 8 identical experts (copies of the MLP), top-2, router from a clustering "
+        "of MLP neurons on wiki train; fp output = dense",
+        _build_smollm2_upcycled("mixtral", 8, 2, "smollm2-moe"),
+    ),
+    "smollm2-dsmoe": ModelEntry(
+        "smollm2-dsmoe",
+        "SmolLM2-135M upcycled DeepSeekMoE-style (Qwen2-MoE): shared expert + 16 identical routed experts, top-4, "
+        "router from a clustering of MLP neurons on wiki train; fp output = dense",
+        _build_smollm2_upcycled("qwen2_moe", 16, 4, "smollm2-dsmoe"),
     ),
 }
 

@@ -14,7 +14,11 @@ Each function changes the model in place and leaves its outputs unchanged (up to
 5. `rotate_mlp_out_input` + `add_online_hadamard`: the MLP's output projection absorbs the
    normalised Hadamard `W <- W H` and a forward pre-hook applies `x <- x H` to its input.
 
-Weights are transformed in float64 and cast back to their dtype.
+Weights are transformed in float64 and cast back to their dtype. Mixtures of experts: a
+norm's readers include the router and shared-expert gate (`group.readers`), and every expert's
+down projection is a residual writer with its own online Hadamard (it runs on routed tokens).
+Blocks may differ (`Adapter.for_block`: DeepSeek-V3's dense first blocks), and norms inside a
+sublayer (`Adapter.internal_norms`: MLA's latent norms) are neither fused nor rotated.
 """
 
 from __future__ import annotations
@@ -42,9 +46,12 @@ def head_dim(model: nn.Module) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
-def mlp_out_writers(adapter: Adapter) -> list[str]:
-    """Residual writers other than the attention output projection (Llama: `mlp.down_proj`)."""
-    attn_out = adapter.value_out[1] if adapter.value_out else None
+def mlp_out_writers(adapter: Adapter, block: nn.Module | None = None) -> list[str]:
+    """Residual writers other than the attention output projection (Llama: `mlp.down_proj`), of
+    `block` when the adapter's blocks differ (dense and MoE blocks of DeepSeek-V3)."""
+    if block is not None:
+        adapter = adapter.for_block(block)
+    attn_out = adapter.attn_out or (adapter.value_out[1] if adapter.value_out else None)
     return [name for name in adapter.residual_writers if name != attn_out]
 
 
@@ -81,9 +88,9 @@ def _norm_and_readers(model: nn.Module, adapter: Adapter) -> list[tuple[nn.Modul
     """Every norm in front of the residual readers with the linears it feeds (shared norms merged)."""
     pairs: dict[int, tuple[nn.Module, list[nn.Linear]]] = {}
     for block in adapter.get_blocks(model):
-        for group in adapter.norm_groups():
+        for group in adapter.for_block(block).residual_norm_groups():
             norm = block.get_submodule(group.prev)
-            pairs.setdefault(id(norm), (norm, []))[1].extend(block.get_submodule(n) for n in group.linears)
+            pairs.setdefault(id(norm), (norm, []))[1].extend(block.get_submodule(n) for n in group.fold_targets)
     final = model.get_submodule(adapter.final_norm)
     pairs[id(final)] = (final, [model.get_submodule(adapter.lm_head)])
     return list(pairs.values())
@@ -129,7 +136,7 @@ def rotate_residual(
     for module in rows_in_residual:
         _map_rows(module.weight, Q)
     for block in adapter.get_blocks(model):
-        for name in adapter.residual_writers:  # W <- Q^T W = (W^T Q)^T, b <- Q^T b
+        for name in adapter.for_block(block).residual_writers:  # W <- Q^T W = (W^T Q)^T, b <- Q^T b
             linear = block.get_submodule(name)
             _map_rows(linear.weight, Q, columns=True)
             if linear.bias is not None:
@@ -161,12 +168,13 @@ def rotate_heads(model: nn.Module, adapter: Adapter, size: int | None = None) ->
 def rotate_mlp_out_input(model: nn.Module, adapter: Adapter) -> list[str]:
     """`W <- W H` (normalised Hadamard of its input size) on every MLP output projection; exact
     only together with `add_online_hadamard`. Returns the layer names."""
-    names = mlp_out_writers(adapter)
+    names = []
     for block in adapter.get_blocks(model):
-        for name in names:
+        for name in mlp_out_writers(adapter, block):
             linear = block.get_submodule(name)
             _map_rows(linear.weight, hadamard_transform)
-    return names
+            names.append(name)
+    return sorted(set(names))
 
 
 class OnlineHadamard:
@@ -188,7 +196,7 @@ def has_online_hadamard(model: nn.Module, adapter: Adapter) -> bool:
     return any(
         isinstance(hook, OnlineHadamard)
         for block in adapter.get_blocks(model)
-        for name in mlp_out_writers(adapter)
+        for name in mlp_out_writers(adapter, block)
         for hook in block.get_submodule(name)._forward_pre_hooks.values()
     )
 
@@ -200,7 +208,7 @@ def add_online_hadamard(model: nn.Module, adapter: Adapter) -> list:
         raise ValueError("the MLP output projections already have online Hadamard hooks (rotated twice?)")
     handles = []
     for block in adapter.get_blocks(model):
-        for name in mlp_out_writers(adapter):
+        for name in mlp_out_writers(adapter, block):
             linear = block.get_submodule(name)
             handles.append(linear.register_forward_pre_hook(OnlineHadamard(linear.in_features)))
     return handles

@@ -10,7 +10,9 @@ multiplied by `s`: `W (h / s * s) = W h`. The op before can be
   channel) or up_proj -> down_proj (the gate multiplies up's output element-wise).
 
 `fold_scale` dispatches on what `group.prev` is (an `nn.Linear` or not), never on model
-classes. Scales are applied in float64 and written back in the parameters' dtype.
+classes. Scales are applied in float64 and written back in the parameters' dtype. The group's
+`readers` (an MoE router, a shared-expert gate) read the same input and get the same column
+scaling as its linears, so the fold stays exact (they stay in full precision).
 
 A linear-to-linear fold needs `prev.out_features == in_features` of the group: with grouped
 query attention (SmolLM2: v_proj 192 outputs, o_proj 576 inputs) no per-channel scale on
@@ -79,10 +81,10 @@ def fold_skip_reason(block: nn.Module, group: LinearGroup) -> str | None:
     if group.prev is None:
         return "the group has no preceding op to fold a scale into"
     prev = block.get_submodule(group.prev)
-    linears = [block.get_submodule(name) for name in group.linears]
+    linears = [block.get_submodule(name) for name in group.fold_targets]
     if isinstance(prev, nn.Linear):
         if any(linear.in_features != prev.out_features for linear in linears):
-            shapes = ", ".join(f"{n} {tuple(m.weight.shape)}" for n, m in zip(group.linears, linears))
+            shapes = ", ".join(f"{n} {tuple(m.weight.shape)}" for n, m in zip(group.fold_targets, linears))
             return (f"{group.prev} {tuple(prev.weight.shape)} has {prev.out_features} outputs but {shapes} "
                     f"read {linears[0].in_features} inputs (e.g. grouped-query attention): no scale folds into it")
         return None
@@ -98,7 +100,7 @@ def fold_scale(block: nn.Module, group: LinearGroup, s: torch.Tensor) -> None:
     if reason is not None:
         raise ValueError(f"cannot fold a scale in front of {group.name}: {reason}")
     prev = block.get_submodule(group.prev)
-    linears = [block.get_submodule(name) for name in group.linears]
+    linears = [block.get_submodule(name) for name in group.fold_targets]
     if isinstance(prev, nn.Linear):
         scale_linear_linear(prev, linears, s)
     else:
