@@ -1,7 +1,8 @@
 """`ptq-bench`: run, list, results.
 
-Bad input (unknown model/method/dataset/profile, bits outside 2..8, non-positive sizes) prints
-one line naming the valid choices and exits with code 2, before any model is loaded.
+Bad input (unknown model/method/dataset/profile/task, bits outside 2..8, non-positive sizes, an
+upstream task offline) prints one line naming the valid choices and exits with code 2, before
+any model is loaded.
 """
 
 from __future__ import annotations
@@ -60,7 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--eval-seqlen", type=int, help="perplexity window length")
     run.add_argument("--limit", type=int, default=-1, help="perplexity windows per dataset (default: the profile's)")
     run.add_argument("--all-windows", action="store_true", help="evaluate every window of the test split")
-    run.add_argument("--seed", type=int, help="calibration seed (default: the profile's)")
+    run.add_argument("--tasks", help="comma-separated zero-shot tasks scored with lm-eval: the offline pack "
+                                     "(winogrande_bb, siqa_bb, sciq_bb, mmlu_dev, lastword_wiki) or upstream names "
+                                     "(see `list tasks`)")
+    run.add_argument("--task-limit", type=int, help="items per task, the first N (default: all)")
+    run.add_argument("--task-batch-size", type=int, default=8, help="lm-eval batch size (default 8)")
+    run.add_argument("--export", metavar="DIR",
+                     help="also write the quantized model as a packed GPTQ-format checkpoint into DIR")
+    run.add_argument("--seed", type=int, help="calibration seed (default: the profile's; also lm-eval's seeds)")
     run.add_argument("--device", default="cpu", help="cpu or cuda")
     run.add_argument("--batch-size", type=int, default=1,
                      help="calibration windows per block forward (default 1, as the GPTQ reference; larger is "
@@ -70,8 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--force", action="store_true", help="rerun even if this config is already recorded")
     run.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    lst = sub.add_parser("list", help="list models, methods, datasets, profiles")
-    lst.add_argument("what", nargs="?", default="all", help="models, methods, datasets, profiles or all")
+    lst = sub.add_parser("list", help="list models, methods, datasets, tasks, profiles")
+    lst.add_argument("what", nargs="?", default="all", help="models, methods, datasets, tasks, profiles or all")
+    lst.add_argument("--all", action="store_true", help="tasks: every upstream lm-eval task name")
 
     res = sub.add_parser("results", help="print the recorded results as a table")
     res.add_argument("--out", default="results", help="results folder")
@@ -103,14 +112,15 @@ def _cmd_run(args) -> int:
         datasets=_csv(args.datasets), calib_dataset=args.calib_dataset, nsamples=args.nsamples,
         calib_seqlen=args.calib_seqlen, eval_seqlen=args.eval_seqlen,
         limit=None if args.all_windows else args.limit, seed=args.seed, device=args.device,
-        batch_size=args.batch_size,
+        batch_size=args.batch_size, tasks=_csv(args.tasks), task_limit=args.task_limit,
+        task_batch_size=args.task_batch_size,
     )
     run_spec.validate()  # fail on bad input before torch threads or models are touched
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
-    rows = run(run_spec, out=args.out, force=args.force, progress=not args.quiet)
+    rows = run(run_spec, out=args.out, force=args.force, progress=not args.quiet, export_dir=args.export)
     if rows:
         print(summary_line(rows))
     return 0
@@ -122,7 +132,7 @@ def _cmd_list(args) -> int:
     from .models import MODELS
     from .profiles import PROFILES
 
-    sections = ("models", "methods", "datasets", "profiles")
+    sections = ("models", "methods", "datasets", "tasks", "profiles")
     if args.what not in (*sections, "all"):
         raise ValueError(f"unknown list {args.what!r}; available: {', '.join(sections)}, all")
     show = sections if args.what == "all" else (args.what,)
@@ -144,6 +154,8 @@ def _cmd_list(args) -> int:
         for name in sorted(DATASETS):
             where = "offline" if name in OFFLINE_CHOICES else "needs network access"
             print(f"  {name:10s} {where}")
+    if "tasks" in show:
+        _list_tasks(args.all, count_upstream=args.what == "tasks")
     if "profiles" in show:
         print("profiles:")
         for p in PROFILES.values():
@@ -153,6 +165,33 @@ def _cmd_list(args) -> int:
             for method, knobs in p.method_defaults.items():
                 print(f"         {method} defaults: {', '.join(f'{k}={v}' for k, v in knobs.items())}")
     return 0
+
+
+def _list_tasks(every: bool, count_upstream: bool = True) -> None:
+    from .tasks import OFFLINE_TASKS, UPSTREAM_COMMON, upstream_task_names
+
+    print("tasks (zero-shot, scored with lm-eval; --tasks a,b --task-limit N):")
+    print("  offline pack (built on first use from installed packages):")
+    for card in OFFLINE_TASKS.values():
+        print(f"    {card.name:14s} {card.items:5d} items, chance {card.chance:.3g}, options: {card.options}; "
+              f"{card.description}")
+        print(f"    {'':14s} source: {card.source}; license: {card.license}")
+        if count_upstream:  # `list tasks`: the whole card
+            print(f"    {'':14s} items: {card.selection}")
+    if not count_upstream:  # `list` (all): no lm-eval task index (it takes seconds)
+        print("  upstream (lm-eval, need network access): " + ", ".join(UPSTREAM_COMMON) + ", ... (list tasks)")
+        return
+    upstream = [n for n in upstream_task_names() if n not in OFFLINE_TASKS]
+    if not upstream:
+        print("  upstream: install lm-eval (pip install lm-eval) for lm-eval's tasks")
+        return
+    print(f"  upstream (lm-eval, need network access; {len(upstream)} task, group and tag names):")
+    for name, alt in UPSTREAM_COMMON.items():
+        print(f"    {name:16s} offline alternative: {alt or '-'}")
+    if every:
+        print("    " + "\n    ".join(n for n in upstream if n not in UPSTREAM_COMMON))
+    else:
+        print("    ... (ptq-bench list tasks --all prints every name)")
 
 
 def _cmd_results(args) -> int:

@@ -37,10 +37,20 @@ Written by the run code for every row (by convention; not enforced):
     calib          dict   {"dataset", "nsamples", "seqlen", "seed"}; None when no calibration
     seed           int
     profile        str    "cpu" or "paper" (PROTOCOL.md profiles)
-    stderr         float  standard error of value, None where undefined
-    seqlen         int    perplexity window / eval context length
-    limit          int    number of eval windows/examples, None = all
+    stderr         float  standard error of value, None where undefined (zero-shot: lm-eval's
+                          standard error of the mean over items)
+    seqlen         int    perplexity window / eval context length (None for zero-shot tasks)
+    limit          int    number of eval windows/examples asked for, None = all
     scored_tokens  int    tokens scored for perplexity (None for accuracy tasks)
+    task_items     int    zero-shot: items actually scored (min(limit, task size)); None for ppl
+    num_fewshot    int    zero-shot: in-context examples (0); None for ppl
+    chance         float  zero-shot: accuracy of uniform guessing on the offline task (None upstream)
+    lm_eval_version str   zero-shot: the lm-evaluation-harness version that scored it
+    bits_per_weight float effective bits per weight of the quantized linears stored in the GPTQ
+                          format (codes + fp16 scales + packed zeros + g_idx; ``ptqcore.cost``);
+                          16 for fp (float16 storage)
+    model_bytes    int    the whole model stored packed (other tensors in float16)
+    export_bytes   int    size of the packed checkpoint written with ``--export`` (None otherwise)
     quant_seconds  float  wall seconds fp model -> quantized model (no load, no eval)
     eval_seconds   float  wall seconds of this evaluation
     peak_rss_bytes int    peak memory of the run (``PeakMemory``: CPU RSS or CUDA allocated)
@@ -106,8 +116,9 @@ ROW_COLUMNS: tuple[str, ...] = (
     "run_id", "config_hash", "timestamp", *PROVENANCE_KEYS,
     "model", "method", "method_config", "setting", "wbits", "group_size", "sym", "abits",
     "calib", "seed", "profile", "dataset", "metric", "value", "stderr", "seqlen", "limit",
-    "scored_tokens", "quant_seconds", "eval_seconds", "peak_rss_bytes",
-    "weight_rel_change", "lossless_by_construction", "notes",
+    "scored_tokens", "task_items", "num_fewshot", "chance", "lm_eval_version",
+    "quant_seconds", "eval_seconds", "peak_rss_bytes", "weight_rel_change", "lossless_by_construction",
+    "bits_per_weight", "model_bytes", "export_bytes", "notes",
 )
 
 _PACKAGE_DIR = Path(__file__).resolve().parent

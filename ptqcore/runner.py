@@ -1,9 +1,13 @@
 """One benchmark run: load -> (calibrate + quantize) -> evaluate -> tidy rows in the store.
 
 Everything a run's numbers depend on is in `RunSpec.config()`, whose hash keys the results
-store: a recorded config is skipped unless `force`. Bad input fails in `RunSpec.validate()`,
-before any model is loaded; a failure later (NaN/Inf, a layer the group size does not fit)
-writes nothing.
+store: a recorded config is skipped unless `force`. Besides perplexity on the profile's datasets,
+a run scores zero-shot tasks through lm-eval (`tasks`, `task_limit` items each; the config gains
+a `zeroshot` entry only then, so perplexity-only configs keep their hashes) and records the
+storage cost of the setting (`bits_per_weight`, `model_bytes`; see `ptqcore.cost`) in every row;
+`export_dir` writes the packed GPTQ-format checkpoint (`ptqcore.export`). Bad input fails in
+`RunSpec.validate()`, before any model is loaded; a failure later (NaN/Inf, a layer the group
+size does not fit) writes nothing.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ from dataclasses import dataclass, field, replace
 
 
 from . import data
+from .calib import expert_fallback_note
+from .cost import model_cost
 from .eval import perplexity
 from .methods import FP
 from .models import check_model_name, load_model
@@ -39,6 +45,9 @@ class RunSpec:
     seed: int | None = None
     device: str = "cpu"
     batch_size: int = 1  # calibration windows per block forward; 1 = the GPTQ reference (see calib)
+    tasks: tuple[str, ...] | None = None  # zero-shot tasks (lm-eval names or the offline pack)
+    task_limit: int | None = None  # items per task (the first N); None: all
+    task_batch_size: int = 8  # lm-eval batch size (sequences per forward)
 
     def resolved(self) -> tuple[Profile, "RunSpec"]:
         """The profile with this run's overrides applied."""
@@ -71,6 +80,14 @@ class RunSpec:
                 raise ValueError(f"{what} must be positive, got {value}")
         if p.eval_limit is not None and p.eval_limit <= 0:
             raise ValueError(f"limit must be positive (or omitted for all windows), got {p.eval_limit}")
+        if self.tasks is not None:
+            from .tasks import check_tasks
+
+            check_tasks(self.tasks)  # unknown names, upstream tasks offline, lm-eval missing
+        if self.task_limit is not None and (self.tasks is None or self.task_limit <= 0):
+            raise ValueError(f"task limit must be positive and needs --tasks, got {self.task_limit}")
+        if self.task_batch_size <= 0:
+            raise ValueError(f"task batch size must be positive, got {self.task_batch_size}")
         if self.method == FP.name:
             if self.spec is not None or self.act is not None or self.options:
                 raise ValueError("method fp quantizes nothing: drop --wbits/--group-size/--abits/--option")
@@ -94,7 +111,7 @@ class RunSpec:
         p, _ = self.resolved()
         pipeline = self.pipeline()
         calibrated = pipeline is not None and pipeline.needs_calibration
-        return {
+        config = {
             "model": self.model,
             "method": self.method,
             "method_config": self.method_config(),
@@ -105,6 +122,10 @@ class RunSpec:
             "profile": p.name,
             "device": self.device,
         }
+        if self.tasks:
+            config["zeroshot"] = {"tasks": list(self.tasks), "limit": self.task_limit, "num_fewshot": 0,
+                                  "batch_size": self.task_batch_size, "seed": p.seed}
+        return config
 
     def calib(self) -> dict:
         p, _ = self.resolved()
@@ -128,26 +149,45 @@ def native_grid_note(native: QuantSpec | None, spec: QuantSpec | None) -> str:
             "setting has that layout, but the GPTQ-reference grid rounds the zero point to an integer")
 
 
-def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool = True, log=print) -> list[dict]:
+def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool = True, log=print,
+        export_dir: str | None = None) -> list[dict]:
     """Execute one run and append its rows to the store under `out`. Returns the rows
-    (empty when the config was already recorded and not `force`)."""
+    (empty when the config was already recorded and not `force`). `export_dir`: also write the
+    quantized model as a packed GPTQ-format checkpoint there (weight-only settings)."""
     spec.validate()
     store = ResultsStore(out)
     config = spec.config()
     key = config_hash(config)
+    if export_dir is not None:
+        from .export import FORMAT_BITS
+
+        if spec.spec is None or spec.act is not None or spec.spec.bits not in FORMAT_BITS:
+            raise ValueError(f"--export writes the GPTQ format: weight-only settings of {FORMAT_BITS} bits, "
+                             f"not {config['setting']}")
+        basis = [step.info.name for step in spec.pipeline().steps if step.info.sets_basis]
+        if basis:
+            raise ValueError(f"--export: {basis[0]} quantizes each layer in a changed basis, which the GPTQ "
+                             "format cannot store")
     if store.has(key) and not force:
         log(f"skip: {spec.model} {spec.method} {config['setting']} already recorded ({key}); --force reruns it")
         return []
     p, _ = spec.resolved()
+    if spec.tasks:
+        from .tasks import prepare_tasks
+
+        prepare_tasks(spec.tasks, progress)  # a task source that cannot be had fails before the model loads
     loaded = load_model(spec.model, spec.device)
     model, adapter = loaded.model, loaded.adapter
     if spec.spec is not None:  # a group size wider than a layer's input fails before any work
         for block_index, block in enumerate(adapter.get_blocks(model)):
             for name, linear in adapter.linears(block).items():
                 check_group_size(linear.in_features, spec.spec, f"{name} (block {block_index})")
+    cost = model_cost(model, adapter, spec.spec)  # from the shapes: what the packed model stores
+    export_bytes = None
 
     with PeakMemory(spec.device) as peak:
         quant_seconds, weight_rel_change = 0.0, 0.0
+        moe_note = ""  # mixture-of-experts: how many expert linears fell back to RTN (too few routed tokens)
         pipeline = spec.pipeline()
         if pipeline is not None:
             calib_ids = None
@@ -158,7 +198,16 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
             result = quantize_model(model, adapter, pipeline, calib_ids, spec.act, spec.batch_size,
                                     progress=progress, desc=f"{spec.method} {config['setting']}")
             weight_rel_change = result.weight_rel_change
+            moe_note = expert_fallback_note(result.expert_fallbacks)
             quant_seconds = time.perf_counter() - start
+            if export_dir is not None:
+                from .export import export_packed
+
+                exported = export_packed(model, adapter, result.states, spec.spec, export_dir, loaded.tokenizer,
+                                         method_config=config["method_config"])
+                export_bytes = exported["bytes"]
+                log(f"exported {exported['checkpoint_format']} checkpoint to {export_dir} "
+                    f"({export_bytes / 2**20:.1f} MiB)")
         metrics = []
         for dataset in p.eval_datasets:
             test = data.tokenize_split(dataset, "test", loaded.tokenizer)
@@ -168,6 +217,11 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
                             "seqlen": p.eval_seqlen, "limit": p.eval_limit, "scored_tokens": result["scored_tokens"],
                             "eval_seconds": result["eval_seconds"], "tokens_per_s": result["tokens_per_s"],
                             "flops_per_s": result["flops_per_s"]})
+        if spec.tasks:
+            from .eval.zeroshot import zeroshot
+
+            metrics += zeroshot(model, loaded.tokenizer, spec.tasks, spec.task_limit, spec.task_batch_size, p.seed,
+                                progress=progress, log=log)
     base = {
         **provenance(spec.device),
         "config_hash": key,
@@ -186,18 +240,31 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
         "peak_rss_bytes": int(peak.peak_bytes),
         "weight_rel_change": weight_rel_change,
         "lossless_by_construction": spec.spec is not None and weight_rel_change < LOSSLESS_REL_CHANGE,
-        "notes": native_grid_note(loaded.native_grid, spec.spec),
+        "bits_per_weight": cost.bits_per_weight,
+        "model_bytes": cost.model_bytes,
+        "export_bytes": export_bytes,
+        "notes": "; ".join(n for n in (native_grid_note(loaded.native_grid, spec.spec), moe_note) if n),
     }
     rows = make_rows(base, metrics)
     store.write_run(rows)
     return rows
 
 
+def _summary_value(r: dict) -> str:
+    if r["metric"] == "ppl":
+        return f"{r['dataset']} ppl {r['value']:.4g} ({r['eval_seconds']:.0f} s eval, {r['tokens_per_s']:.0f} tok/s)"
+    stderr = f" +- {r['stderr']:.3f}" if r.get("stderr") is not None else ""
+    return f"{r['dataset']} {r['metric']} {r['value']:.3f}{stderr} ({r.get('task_items')} items)"
+
+
 def summary_line(rows: list[dict]) -> str:
     first = rows[0]
-    values = ", ".join(f"{r['dataset']} ppl {r['value']:.4g} ({r['eval_seconds']:.0f} s eval, "
-                       f"{r['tokens_per_s']:.0f} tok/s)" for r in rows)
-    return (f"{first['model']} {first['method']} {first['setting']}: {values}; quant {first['quant_seconds']:.1f} s, "
+    values = ", ".join(_summary_value(r) for r in rows)
+    size = ""
+    if first.get("bits_per_weight") is not None:
+        size = f"{first['bits_per_weight']:.3g} bits/weight, {first['model_bytes'] / 2**20:.1f} MiB packed; "
+    return (f"{first['model']} {first['method']} {first['setting']}: {values}; {size}"
+            f"quant {first['quant_seconds']:.1f} s, "
             f"peak RSS {first['peak_rss_bytes'] / 2**30:.2f} GiB, {first['torch_threads']} threads "
             f"[{first['run_id']}]")
 

@@ -18,7 +18,7 @@ def run_cli(capsys, *args):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["run", "--model", "nope"], "unknown model 'nope'; available: smollm2-135m, tiny-llama"),
+        (["run", "--model", "nope"], "unknown model 'nope'; available: smollm2-135m, smollm2-dsmoe, smollm2-moe, tiny-llama"),
         (["run", "--model", "smollm2-135m", "--method", "bogus", "--wbits", "4"], "unknown method 'bogus'; available: " + ", ".join(method_names())),
         (["run", "--model", "smollm2-135m", "--method", "fp", "--datasets", "ptb"], "unknown dataset 'ptb'; available: c4, sotu, wiki, wikitext2"),
         (["run", "--model", "smollm2-135m", "--profile", "gpu"], "unknown profile 'gpu'; available: cpu, paper"),
@@ -29,7 +29,7 @@ def run_cli(capsys, *args):
         (["run", "--model", "smollm2-135m", "--method", "gptq"], "method gptq needs --wbits"),
         (["run", "--model", "smollm2-135m", "--method", "gptq", "--wbits", "4", "-o", "dampp=0.1"], "no step of gptq has option 'dampp'; options: act_order, blocksize"),
         (["run", "--model", "smollm2-135m", "--method", "fp", "--datasets", "wikitext2"], "needs network access"),
-        (["list", "gizmos"], "unknown list 'gizmos'; available: models, methods, datasets, profiles, all"),
+        (["list", "gizmos"], "unknown list 'gizmos'; available: models, methods, datasets, tasks, profiles, all"),
     ],
 )
 def test_bad_input_one_line_exit_2(capsys, tmp_path, monkeypatch, args, message):

@@ -1,4 +1,5 @@
-"""Evaluation: perplexity (zero-shot and VQA come later)."""
+"""Evaluation: perplexity here; zero-shot accuracy through lm-eval in `ptqcore.eval.zeroshot` (imported
+on use: it needs the `lm-eval` package). VQA comes later."""
 
 from .perplexity import model_flops_per_token, perplexity
 
