@@ -151,15 +151,7 @@ class BlockContext:
             consume(x)
             raise _Stop
 
-        handle = module.register_forward_pre_hook(hook, with_kwargs=True)
-        try:
-            for x in self.batches():
-                try:
-                    self.block(x, **self.kwargs)
-                except _Stop:
-                    pass
-        finally:
-            handle.remove()
+        self._run_hooked([module.register_forward_pre_hook(hook, with_kwargs=True)])
 
     @torch.inference_mode()
     def feed_parts(self, group: LinearGroup, consume: Callable[[int, torch.Tensor], None]) -> list[int]:
@@ -189,15 +181,7 @@ class BlockContext:
 
         handles = [self.block.get_submodule(part[0]).register_forward_pre_hook(hook(i)) for i, part in enumerate(sets)]
         handles.append(self.block.get_submodule(group.inspect).register_forward_hook(stop))
-        try:
-            for x in self.batches():
-                try:
-                    self.block(x, **self.kwargs)
-                except _Stop:
-                    pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        self._run_hooked(handles)
         return counts
 
     @torch.inference_mode()
@@ -218,13 +202,21 @@ class BlockContext:
 
         handles = [self.block.get_submodule(names[0]).register_forward_pre_hook(hook(gi, si, names))
                    for gi, group in enumerate(groups) for si, names in enumerate(group.token_sets())]
+        self._run_hooked(handles)
+        return counts
+
+    def _run_hooked(self, handles: list) -> None:
+        """Run the block on every batch with the hooks of `handles` installed (a hook raising
+        `_Stop` skips the rest of that batch's forward), then remove them."""
         try:
             for x in self.batches():
-                self.block(x, **self.kwargs)
+                try:
+                    self.block(x, **self.kwargs)
+                except _Stop:
+                    pass
         finally:
             for handle in handles:
                 handle.remove()
-        return counts
 
     def fallback(self, part: tuple[str, ...], tokens: int) -> bool:
         """Whether the routed linears of `part` saw too few tokens for a data-driven step; if so
