@@ -70,6 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="also write the quantized model as a packed GPTQ-format checkpoint into DIR")
     run.add_argument("--seed", type=int, help="calibration seed (default: the profile's; also lm-eval's seeds)")
     run.add_argument("--device", default="cpu", help="cpu or cuda")
+    run.add_argument("--quantize-routers", action="store_true",
+                     help="mixtures of experts: quantize routers and shared-expert gates too (default: full precision)")
+    run.add_argument("--min-expert-tokens", type=int,
+                     help="an expert routed fewer calibration tokens gets RTN, counted in the notes "
+                          "(default: ptqcore.calib.MIN_EXPERT_TOKENS, 32)")
     run.add_argument("--batch-size", type=int, default=1,
                      help="calibration windows per block forward (default 1, as the GPTQ reference; larger is "
                           "faster but changes float summation order, which GPTQ at 3 bits is sensitive to)")
@@ -113,7 +118,8 @@ def _cmd_run(args) -> int:
         calib_seqlen=args.calib_seqlen, eval_seqlen=args.eval_seqlen,
         limit=None if args.all_windows else args.limit, seed=args.seed, device=args.device,
         batch_size=args.batch_size, tasks=_csv(args.tasks), task_limit=args.task_limit,
-        task_batch_size=args.task_batch_size,
+        task_batch_size=args.task_batch_size, quantize_routers=args.quantize_routers,
+        **({} if args.min_expert_tokens is None else {"min_expert_tokens": args.min_expert_tokens}),
     )
     run_spec.validate()  # fail on bad input before torch threads or models are touched
     if args.threads:

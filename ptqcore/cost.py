@@ -74,9 +74,9 @@ def quantized_linears(model: nn.Module, adapter) -> dict[str, nn.Linear]:
 def model_cost(model: nn.Module, adapter, spec: QuantSpec | None) -> ModelCost:
     """The storage cost of `model` with its block linears quantized by `spec` (None: fp16)."""
     linears = quantized_linears(model, adapter) if spec is not None else {}
-    skip = {id(linear.weight) for linear in linears.values()} | {
-        id(linear.bias) for linear in linears.values() if linear.bias is not None
-    }
+    # A quantized router (`quantize_routers`) is linear-like: a [out, in] weight, maybe no bias.
+    biases = [b for b in (getattr(l, "bias", None) for l in linears.values()) if b is not None]
+    skip = {id(linear.weight) for linear in linears.values()} | {id(b) for b in biases}
     seen, other = set(), 0
     for p in model.parameters():  # parameters() yields each shared tensor once
         if id(p) in skip or id(p) in seen:
@@ -86,8 +86,9 @@ def model_cost(model: nn.Module, adapter, spec: QuantSpec | None) -> ModelCost:
     if spec is None:
         weights = sum(p.numel() for p in model.parameters())
         return ModelCost(16.0, weights * OTHER_BITS // 8, 0, weights, 16.0)
-    packed = sum(linear_packed_bytes(l.out_features, l.in_features, spec, l.bias is not None) for l in linears.values())
-    bias_bytes = sum(l.out_features * 2 for l in linears.values() if l.bias is not None)
+    packed = sum(linear_packed_bytes(*l.weight.shape, spec, getattr(l, "bias", None) is not None)
+                 for l in linears.values())
+    bias_bytes = sum(b.numel() * 2 for b in biases)
     weights = sum(l.weight.numel() for l in linears.values())
     bits = (packed - bias_bytes) * 8 / weights
     nominal = spec.bits + ((SCALE_BITS + spec.bits) / spec.group_size if spec.group_size else 0.0)

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 
 from . import data
-from .calib import expert_fallback_note
+from .calib import MIN_EXPERT_TOKENS, expert_fallback_note
 from .cost import model_cost
 from .eval import perplexity
 from .methods import FP
@@ -48,6 +48,8 @@ class RunSpec:
     tasks: tuple[str, ...] | None = None  # zero-shot tasks (lm-eval names or the offline pack)
     task_limit: int | None = None  # items per task (the first N); None: all
     task_batch_size: int = 8  # lm-eval batch size (sequences per forward)
+    quantize_routers: bool = False  # mixtures of experts: quantize routers and shared-expert gates too
+    min_expert_tokens: int = MIN_EXPERT_TOKENS  # an expert routed fewer calibration tokens gets RTN
 
     def resolved(self) -> tuple[Profile, "RunSpec"]:
         """The profile with this run's overrides applied."""
@@ -86,11 +88,15 @@ class RunSpec:
             check_tasks(self.tasks)  # unknown names, upstream tasks offline, lm-eval missing
         if self.task_limit is not None and (self.tasks is None or self.task_limit <= 0):
             raise ValueError(f"task limit must be positive and needs --tasks, got {self.task_limit}")
+        if isinstance(self.min_expert_tokens, bool) or not isinstance(self.min_expert_tokens, int) \
+                or self.min_expert_tokens < 0:
+            raise ValueError(f"min expert tokens must be an integer >= 0, got {self.min_expert_tokens!r}")
         if self.task_batch_size <= 0:
             raise ValueError(f"task batch size must be positive, got {self.task_batch_size}")
         if self.method == FP.name:
-            if self.spec is not None or self.act is not None or self.options:
-                raise ValueError("method fp quantizes nothing: drop --wbits/--group-size/--abits/--option")
+            if self.spec is not None or self.act is not None or self.options or self.quantize_routers:
+                raise ValueError("method fp quantizes nothing: drop --wbits/--group-size/--abits/--option/"
+                                 "--quantize-routers")
         else:
             if self.spec is None:
                 raise ValueError(f"method {self.method} needs --wbits")
@@ -122,6 +128,11 @@ class RunSpec:
             "profile": p.name,
             "device": self.device,
         }
+        moe = {k: v for k, v in (("quantize_routers", self.quantize_routers),
+                                   ("min_expert_tokens", self.min_expert_tokens))
+               if v != RunSpec.__dataclass_fields__[k].default}
+        if moe:  # only when not the defaults, so every other config keeps its hash
+            config["moe"] = moe
         if self.tasks:
             config["zeroshot"] = {"tasks": list(self.tasks), "limit": self.task_limit, "num_fewshot": 0,
                                   "batch_size": self.task_batch_size, "seed": p.seed}
@@ -178,6 +189,8 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
         prepare_tasks(spec.tasks, progress)  # a task source that cannot be had fails before the model loads
     loaded = load_model(spec.model, spec.device)
     model, adapter = loaded.model, loaded.adapter
+    if spec.quantize_routers:
+        adapter = adapter.with_quantized_routers()
     if spec.spec is not None:  # a group size wider than a layer's input fails before any work
         for block_index, block in enumerate(adapter.get_blocks(model)):
             for name, linear in adapter.linears(block).items():
@@ -196,7 +209,8 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
                 calib_ids = data.calibration_windows(train, p.nsamples, p.calib_seqlen, p.seed)
             start = time.perf_counter()
             result = quantize_model(model, adapter, pipeline, calib_ids, spec.act, spec.batch_size,
-                                    progress=progress, desc=f"{spec.method} {config['setting']}")
+                                    progress=progress, desc=f"{spec.method} {config['setting']}",
+                                    min_expert_tokens=spec.min_expert_tokens)
             weight_rel_change = result.weight_rel_change
             moe_note = expert_fallback_note(result.expert_fallbacks)
             quant_seconds = time.perf_counter() - start

@@ -3,6 +3,7 @@ routed tokens with a recorded fallback, every method and pipeline on tiny Mixtra
 (DeepSeekMoE-style) models, equivalence transforms exact, and the upcycling recipes."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -398,3 +399,32 @@ def test_deepseek_v3_blocks_differ_and_latent_attention_is_stated():
     assert set(state["online_hadamard"]) == {"mlp.down_proj"}  # block 0 is dense
     awq = _transform_only(make_moe("deepseek_v3"), "awq", ids(), clip=False)
     assert "kv_b_proj" in awq.states[0]["skipped"]["attn_out"]  # keys and values packed: no v -> o scale
+
+
+def test_runner_moe_flags(tmp_path, smollm2):
+    """`--quantize-routers` and `--min-expert-tokens` through the runner on a tiny Mixtral
+    checkpoint: defaults keep the config hash; a minimum above every expert's share sends all
+    experts to RTN and the run's notes count them; routers stay full precision unless asked."""
+    from ptqcore.results import ResultsStore, config_hash
+    from ptqcore.runner import RunSpec, run
+
+    ckpt = tmp_path / "tiny-mixtral"
+    make_moe("mixtral", vocab_size=len(smollm2.tokenizer)).save_pretrained(ckpt)
+    smollm2.tokenizer.save_pretrained(ckpt)
+
+    base = dict(model=str(ckpt), method="rtn", spec=QuantSpec(4, 32), datasets=("wiki",), limit=1, eval_seqlen=64)
+    default = RunSpec(**base)
+    assert "moe" not in default.config()
+    assert config_hash(RunSpec(**base, min_expert_tokens=32).config()) == config_hash(default.config())
+    assert RunSpec(**base, quantize_routers=True).config()["moe"] == {"quantize_routers": True}
+    with pytest.raises(ValueError, match="min expert tokens must be an integer >= 0"):
+        RunSpec(**base, min_expert_tokens=-1).validate()
+    with pytest.raises(ValueError, match="method fp quantizes nothing"):
+        RunSpec(str(ckpt), quantize_routers=True).validate()
+
+    spec = RunSpec(**{**base, "method": "gptq"}, nsamples=2, calib_seqlen=64, min_expert_tokens=10**6,
+                   quantize_routers=True)
+    rows = run(spec, out=str(tmp_path / "res"), progress=False, log=lambda *a: None)
+    assert rows and all(math.isfinite(r["value"]) for r in rows)
+    assert "24 expert linears fell back to RTN" in rows[0]["notes"]  # 2 blocks x 4 experts x gate, up, down
+    assert ResultsStore(tmp_path / "res").has(config_hash(spec.config()))
