@@ -32,7 +32,7 @@ from ptqcore.runner import RunSpec  # noqa: E402
 from ptqcore.quant import parse_setting  # noqa: E402
 from ptqcore.results import ResultsStore, config_hash  # noqa: E402
 
-WEIGHT_METHODS = ("rtn", "gptq", "awq", "omniquant", "quip", "quarot", "smoothquant",
+WEIGHT_METHODS = ("rtn", "gptq", "awq", "omniquant", "quip", "quarot+rtn", "smoothquant",
                   "quarot+gptq", "quip+gptq", "awq+gptq", "smoothquant+gptq", "awq+omniquant")
 WA_METHODS = ("rtn", "gptq", "smoothquant", "quarot+gptq")
 # (methods, settings) blocks, run in this order: the comparisons the goals rest on first.

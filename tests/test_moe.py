@@ -21,7 +21,7 @@ from conftest import logits, make_tiny_llama, rel_err, token_ids
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 SPEC = QuantSpec(4, 32)
-METHODS = ["rtn", "gptq", "awq", "smoothquant", "quarot", "quip", "omniquant"]
+METHODS = ["rtn", "gptq", "awq", "smoothquant", "quarot+rtn", "quip", "omniquant"]
 PIPELINES = ["quarot+gptq", "quip+gptq", "awq+gptq", "smoothquant+gptq", "awq+omniquant"]
 
 

@@ -192,6 +192,8 @@ def test_select_methods_all_and_unknown():
     names, note = report.select_methods("all")
     assert names == ["fp", *METHODS] and note == ""
     assert report.default_pipeline("gptq") == "gptq" and report.standalone_name("gptq") == "gptq"
+    assert report.default_pipeline("quarot") == "quarot+gptq" and report.standalone_name("quarot") == "quarot+rtn"
+    assert report.standalone_name("awq") == "awq"  # RTN is its default quantizer
     names, note = report.select_methods(["fp", "gptq", "nosuch"])
     assert names == ["fp", "gptq"] and "`nosuch`" in note and "unknown method" in note
 

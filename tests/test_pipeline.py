@@ -41,6 +41,8 @@ def test_transform_sets_quantizer_defaults_beneath_user_options():
     assert build_pipeline("quip", QuantSpec(3)).config()["gptq"]["act_order"] is False
     assert build_pipeline("quip+gptq", QuantSpec(3), {"gptq.act_order": True}).config()["gptq"]["act_order"] is True
     assert build_pipeline("gptq", QuantSpec(3)).config()["gptq"]["act_order"] is True
+    quarot = build_pipeline("quarot", QuantSpec(3))  # QuaRot's reference: GPTQ, act_order off
+    assert quarot.step_names == ["quarot", "gptq"] and quarot.config()["gptq"]["act_order"] is False
     assert "act_order" not in build_pipeline("quip+rtn", QuantSpec(3)).config()["rtn"]
 
 

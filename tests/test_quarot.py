@@ -194,13 +194,14 @@ def test_config_and_registry():
     assert METHODS["quarot"] is QuaRot
     info = QuaRot.info
     assert (info.name, info.strategy, info.kind, info.needs_calibration, info.default_quantizer) == (
-        "quarot", "rotation", "transform", False, "rtn")
+        "quarot", "rotation", "transform", False, "gptq")
     assert QuaRotConfig.knobs() == ["seed", "rotate_heads", "online_down"]
     assert QuaRotConfig(seed=2).to_dict()["seed"] == 2
     for bad in ({"seed": -1}, {"seed": True}, {"seed": "0"}, {"rotate_heads": "yes"}, {"online_down": 1}):
         with pytest.raises(ValueError, match="QuaRot"):
             QuaRotConfig(**bad)
-    assert validate_pipeline_name("quarot") == ["quarot", "rtn"]
+    assert validate_pipeline_name("quarot") == ["quarot", "gptq"]  # the reference's default
+    assert validate_pipeline_name("quarot+rtn") == ["quarot", "rtn"]
     assert validate_pipeline_name("quarot+gptq") == ["quarot", "gptq"]
     with pytest.raises(ValueError, match="comes after quantizer"):
         validate_pipeline_name("gptq+quarot")
@@ -208,7 +209,7 @@ def test_config_and_registry():
 
 # ---------------------------------------------------------------- pipelines
 
-@pytest.mark.parametrize("name", ["quarot", "quarot+gptq"])
+@pytest.mark.parametrize("name", ["quarot+rtn", "quarot+gptq"])
 @pytest.mark.parametrize("act", [None, ActSpec(4)])
 def test_pipelines_run_end_to_end(name, act):
     model = make_tiny_llama()
@@ -216,7 +217,7 @@ def test_pipelines_run_end_to_end(name, act):
     pipeline = build_pipeline(name, QuantSpec(4), {"quarot.seed": 1})
     calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(2))
     result = quantize_model(model, adapter, pipeline, calib, act, progress=False)
-    assert pipeline.step_names == ["quarot", "rtn" if name == "quarot" else "gptq"]
+    assert pipeline.step_names == name.split("+")
     assert result.prepared["quarot"]["seed"] == 1
     assert len(result.act_hooks) == (14 if act else 0)
     assert 0 < result.weight_rel_change < 0.5
@@ -225,7 +226,7 @@ def test_pipelines_run_end_to_end(name, act):
 
 def test_quarot_rtn_is_prepare_then_rtn():
     a, b = make_tiny_llama(), make_tiny_llama()
-    quantize_model(a, adapter_for(a), build_pipeline("quarot", QuantSpec(4)), None, ActSpec(4), progress=False)
+    quantize_model(a, adapter_for(a), build_pipeline("quarot+rtn", QuantSpec(4)), None, ActSpec(4), progress=False)
     QuaRot(QuaRotConfig()).prepare(b, adapter_for(b))
     quantize_model(b, adapter_for(b), build_pipeline("rtn", QuantSpec(4)), None, ActSpec(4), progress=False)
     assert torch.equal(logits(a), logits(b))
@@ -234,7 +235,7 @@ def test_quarot_rtn_is_prepare_then_rtn():
 def test_online_hadamard_runs_before_the_act_quantizer():
     model = make_tiny_llama()
     adapter = adapter_for(model)
-    quantize_model(model, adapter, build_pipeline("quarot", QuantSpec(8)), None, ActSpec(4), progress=False)
+    quantize_model(model, adapter, build_pipeline("quarot+rtn", QuantSpec(8)), None, ActSpec(4), progress=False)
     down = model.model.layers[0].mlp.down_proj
     assert isinstance(next(iter(down._forward_pre_hooks.values())), OnlineHadamard)
     raw, seen = [], []

@@ -14,8 +14,10 @@ reference's `rotation_utils.fuse_layer_norms` + `rotate_model` and its online ho
 - online Hadamard of the intermediate size at the down projection's input (`W <- W H`
   offline, `x <- x H` in a forward pre-hook registered here, so it runs before the
   activation quantizers that `ptqcore.pipeline.install_act_quant` adds after quantization);
-- then RTN (the default quantizer here) or GPTQ; GPTQ is calibrated with full-precision
-  (rotated) activations and activations are quantized per token at inference, as the reference.
+- then GPTQ, the reference's default weight quantizer (`quarot` alone = `quarot+gptq`, with the
+  reference's `act_order` off; its `--w_rtn` is `quarot+rtn` here). GPTQ is calibrated with
+  full-precision (rotated) activations and activations are quantized per token at inference, as
+  the reference.
 
 Deviations, one line each:
 - no online Hadamard across heads at the output projection's input (the reference's
@@ -66,7 +68,7 @@ class QuaRotConfig(MethodConfig):
 class QuaRot(Method):
     info = MethodInfo(
         "quarot", "rotation", "Ashkboos et al., QuaRot, NeurIPS 2024", "transform",
-        needs_calibration=False, default_quantizer="rtn",
+        needs_calibration=False, default_quantizer="gptq", quantizer_defaults=(("act_order", False),),
     )
     Config = QuaRotConfig
 
