@@ -121,7 +121,9 @@ def main() -> None:
 
     peak = matmul_gflops(args.threads)
     df = store.table(latest=True)
-    keys = {config_hash(spec.config()): run for run, spec in zip(runs, specs)}
+    keys: dict[str, list] = {}  # aliases (quip, quip+gptq) share one record
+    for run, spec in zip(runs, specs):
+        keys.setdefault(config_hash(spec.config()), []).append(run)
     df = df[df["config_hash"].isin(keys)]
     device = df["device_name"].iloc[0] if len(df) else "?"
     print(f"\n{args.model}, cpu profile (wiki 32 x 512 calibration; {' and '.join(datasets)} test, 16 x 2048 "
@@ -132,7 +134,8 @@ def main() -> None:
     print("|" + "|".join("-" * (w + 2) for _, w in cols) + "|")
     value = {}
     for _, r in df.iterrows():
-        value[(*keys[r["config_hash"]], r["dataset"])] = r
+        for run in keys[r["config_hash"]]:
+            value[(*run, r["dataset"])] = r
     order = {s: i for i, s in enumerate(SETTING_ORDER)}
     for method, setting in sorted(runs, key=lambda ms: (order.get(ms[1] or "", -1), runs.index(ms))):
         rows = [value.get((method, setting, d)) for d in datasets]

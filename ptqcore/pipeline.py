@@ -85,6 +85,18 @@ def validate_pipeline_name(name: str) -> list[str]:
     return parts
 
 
+def canonical_name(name: str) -> str:
+    """The shortest name of what a pipeline computes: a trailing quantizer that is the last
+    transform's default is dropped (`quarot+gptq` -> `quarot`, `awq+rtn` -> `awq`,
+    `quip+gptq` -> `quip`), so names that run the same steps share one results-store key."""
+    parts = validate_pipeline_name(name)
+    if not parts:
+        return FP.name
+    if len(parts) > 1 and METHODS[parts[-2]].info.default_quantizer == parts[-1]:
+        parts = parts[:-1]
+    return "+".join(parts)
+
+
 def _split_options(parts: list[str], options: dict) -> dict[str, dict]:
     """Options as `knob=value` (given to every step that has the knob) or `step.knob=value`."""
     per_step: dict[str, dict] = {p: {} for p in parts}

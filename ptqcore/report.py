@@ -240,16 +240,22 @@ def regime_note(rows: pd.DataFrame, wa_settings) -> str:
 
 def rows_for(specs, results, metric: str = "ppl") -> pd.DataFrame:
     """The newest recorded rows of exactly these configs (`metric` only), with `collapsed`
-    and `regime` (weight-only / weight-activation) added."""
+    and `regime` (weight-only / weight-activation) added. Rows are labelled with the spec's
+    method name: a record made as `quip` serves a spec named `quip+gptq` (the same steps)."""
     from .results import ResultsStore, config_hash
 
-    hashes = {config_hash(s.config()) for s in specs}
+    names: dict[str, list[str]] = {}
+    for s in specs:
+        names.setdefault(config_hash(s.config()), [])
+        if s.method not in names[config_hash(s.config())]:
+            names[config_hash(s.config())].append(s.method)
     table = ResultsStore(results_path(results)).table(latest=True)
     if not len(table):
         return _empty_rows()
-    rows = table[table["config_hash"].isin(hashes) & (table["metric"] == metric)].copy()
+    rows = table[table["config_hash"].isin(names) & (table["metric"] == metric)]
     if rows.empty:
         return _empty_rows()
+    rows = rows.assign(method=rows["config_hash"].map(names)).explode("method")
     return _annotate(rows)
 
 

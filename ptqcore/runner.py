@@ -22,7 +22,7 @@ from .cost import model_cost
 from .eval import perplexity
 from .methods import FP
 from .models import check_model_name, load_model
-from .pipeline import build_pipeline, quantize_model, validate_pipeline_name
+from .pipeline import build_pipeline, canonical_name, quantize_model, validate_pipeline_name
 from .profiles import Profile, get_profile
 from .quant import ActSpec, QuantSpec, check_group_size, setting_name
 from .results import PeakMemory, ResultsStore, config_hash, make_rows, provenance
@@ -119,7 +119,7 @@ class RunSpec:
         calibrated = pipeline is not None and pipeline.needs_calibration
         config = {
             "model": self.model,
-            "method": self.method,
+            "method": canonical_name(self.method),  # aliases (quip, quip+gptq) share one record
             "method_config": self.method_config(),
             "setting": setting_name(self.spec, self.act),
             "act": self.act.to_dict() if self.act else None,

@@ -94,3 +94,37 @@ def test_act_quant_hook_quantizes_linear_inputs():
     x = seen[0]
     levels = torch.unique((x / (x.abs().amax(-1, keepdim=True) / 7)).round())
     assert len(levels) <= 15  # symmetric 4-bit per token: at most 15 levels
+
+
+def test_aliases_share_one_results_key():
+    from ptqcore.pipeline import canonical_name
+    from ptqcore.results import config_hash
+    from ptqcore.runner import RunSpec
+
+    assert [canonical_name(n) for n in ("quip+gptq", "quarot+gptq", "awq+rtn", "AWQ", "fp", "gptq")] == [
+        "quip", "quarot", "awq", "awq", "fp", "gptq"]
+    assert [canonical_name(n) for n in ("quarot+rtn", "awq+gptq", "awq+omniquant")] == [
+        "quarot+rtn", "awq+gptq", "awq+omniquant"]  # a quantizer other than the default is kept
+
+    def key(method):
+        return config_hash(RunSpec("tiny-llama", method, QuantSpec(3, 128), profile="cpu").config())
+
+    assert key("quip") == key("quip+gptq") and key("quarot") == key("quarot+gptq")
+    assert key("quarot") != key("quarot+rtn")
+    assert key("quip+gptq") != config_hash(
+        RunSpec("tiny-llama", "quip+gptq", QuantSpec(3, 128), profile="cpu", options={"act_order": True}).config())
+
+
+def test_rows_are_labelled_with_the_spec_name(tmp_path):
+    """A record made as `quip` serves a spec named `quip+gptq`, labelled as the spec asks."""
+    from ptqcore import report
+    from ptqcore.results import ResultsStore, config_hash, make_rows
+    from ptqcore.runner import RunSpec
+
+    quip, alias = (RunSpec("tiny-llama", m, QuantSpec(3, 128), profile="cpu") for m in ("quip", "quip+gptq"))
+    base = {"config_hash": config_hash(quip.config()), "model": "tiny-llama", "method": "quip", "setting": "w3g128",
+            "wbits": 3, "abits": 16, "dataset": "wiki"}
+    ResultsStore(tmp_path).write_run(make_rows(base, [{"metric": "ppl", "value": 12.0}]))
+    assert report.missing([alias], tmp_path) == []
+    assert list(report.rows_for([alias], tmp_path)["method"]) == ["quip+gptq"]
+    assert sorted(report.rows_for([quip, alias], tmp_path)["method"]) == ["quip", "quip+gptq"]
