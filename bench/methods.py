@@ -32,18 +32,22 @@ from ptqcore.runner import RunSpec  # noqa: E402
 from ptqcore.quant import parse_setting  # noqa: E402
 from ptqcore.results import ResultsStore, config_hash  # noqa: E402
 
-WEIGHT_METHODS = ("rtn", "gptq", "awq", "omniquant", "quip", "quarot+rtn", "smoothquant",
+# The seven methods as their authors run them, QuaRot and QuIP also with plain rounding (each
+# strategy alone, for the combinations study), and the five pipelines of the issue.
+WEIGHT_METHODS = ("rtn", "gptq", "awq", "omniquant", "quip", "quarot+rtn", "smoothquant", "quip+rtn",
                   "quarot+gptq", "quip+gptq", "awq+gptq", "smoothquant+gptq", "awq+omniquant")
 WA_METHODS = ("rtn", "gptq", "smoothquant", "quarot+gptq")
-# (methods, settings) blocks, run in this order: the comparisons the issue's goals rest on first.
+# (methods, settings) blocks, run in this order: the comparisons the issue's goals rest on first,
+# then the rest of the study the book shows (notebooks 10, 40 and 50 read these records).
 GRID = (
     (WEIGHT_METHODS, ("w3g128",)),
     (WA_METHODS, ("w4a4",)),
     (("rtn", "awq"), ("w4g64", "w3g64")),
     (WA_METHODS, ("w4a8", "w8a8")),
-    (WEIGHT_METHODS, ("w4g128", "w4", "w2g64")),
+    (WEIGHT_METHODS, ("w4g128", "w2g64", "w4")),
+    (("rtn", "gptq", "awq", "omniquant", "quip", "quarot+gptq", "smoothquant"), ("w3",)),  # notebook 10's "all"
 )
-SETTING_ORDER = ("w4", "w4g128", "w4g64", "w3g128", "w3g64", "w2g64", "w8a8", "w4a8", "w4a4")
+SETTING_ORDER = ("w4", "w4g128", "w4g64", "w3", "w3g128", "w3g64", "w2g64", "w8a8", "w4a8", "w4a4")
 
 # Reference figures of the foundation issue (same protocol, 2 cores, fp32, wiki).
 REFERENCE = {
