@@ -31,6 +31,8 @@ SMOKE = {
     "methods": ["fp", "rtn", "gptq"],
     "settings": "w3g32",  # comma-separated names work too
     "wa_settings": ["w4a8"],
+    "wa_methods": ["rtn", "gptq"],
+    "datasets": ["wiki"],
     # a combination runs if its methods are registered; "nosuch" exercises the skip sentence
     "combinations": ["quip+gptq", "nosuch+gptq"],
     "nsamples": 2,
@@ -155,9 +157,10 @@ def test_sweeps_recorded_the_smoke_grid_and_resume(smoke):
     table = ResultsStore(smoke["results"]).table(latest=True)
     assert {"fp", "rtn", "gptq"} <= set(table["method"])
     assert set(table["model"]) == {"tiny-llama"}
-    common = {k: SMOKE[k] for k in ("nsamples", "calib_seqlen", "eval_seqlen", "limit")}
-    settings = report.as_list(SMOKE["settings"]) + SMOKE["wa_settings"]
-    specs = grid(report.as_list(SMOKE["models"]), SMOKE["methods"], settings, **common)
+    common = {k: SMOKE[k] for k in ("nsamples", "calib_seqlen", "eval_seqlen", "limit", "datasets")}
+    models = report.as_list(SMOKE["models"])
+    specs = grid(models, SMOKE["methods"], report.as_list(SMOKE["settings"]), **common) + grid(
+        models, SMOKE["wa_methods"], SMOKE["wa_settings"], **common)
     assert report.missing(specs, smoke["results"]) == []  # a second run of the notebooks would run nothing
 
 
