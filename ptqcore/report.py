@@ -159,6 +159,22 @@ def select_methods(methods) -> tuple[list[str], str]:
     return keep, note
 
 
+def select_models(models) -> tuple[list[str], str]:
+    """The models that can be loaded (registered names, paths, hub ids) and a sentence naming the
+    others, which are skipped (a chapter renders with the structures ptqcore knows)."""
+    from .models import check_model_name
+
+    keep, skipped = [], []
+    for name in as_list(models):
+        try:
+            check_model_name(name)
+            keep.append(name)
+        except ValueError:
+            skipped.append(f"`{name}`")
+    note = ("Skipped, not a model ptqcore can load here: " + ", ".join(skipped) + ".") if skipped else ""
+    return keep, note
+
+
 def combination_plan(combinations) -> tuple[dict[str, list[str]], str]:
     """For each runnable combination, the pipelines to compare: each step alone, then the
     combination; e.g. {"quarot+gptq": ["quarot", "gptq", "quarot+gptq"]}. Plus a sentence naming
@@ -668,6 +684,108 @@ def bitwidth_findings(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL) -> dic
     else:
         out["verdict"] = (f"We disagree: {best['method']} ({strategy}) degrades least, not a compensation "
                           f"method: {margin}.")
+    return out
+
+
+# --------------------------------------------------------------------------- structures
+
+def structure_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """Geometric-mean perplexity / fp over the weight-only settings, method x model (one column
+    per structure), then `worst`: the largest over the models the method has, which ranks them."""
+    quant = degradation(rows[rows.regime != "weight-activation"] if len(rows) else rows)
+    if not len(quant) or quant["ratio"].isna().all():
+        return pd.DataFrame(columns=["method", "worst"])
+    quant = quant.dropna(subset=["ratio"])
+    table = quant.groupby(["method", "model"])["ratio"].agg(lambda r: math.exp(r.map(math.log).mean()))
+    table = table.unstack("model")
+    table = table[[m for m in dict.fromkeys(rows["model"]) if m in table.columns]]  # the grid's model order
+    table["worst"] = table.max(axis=1)
+    table["structures"] = table.drop(columns="worst").notna().sum(axis=1)
+    return table.sort_values(["structures", "worst"], ascending=[False, True]).reset_index()
+
+
+def plot_structures(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL,
+                    title: str = "Degradation across structures"):
+    """One panel per (dataset, setting): perplexity / fp (log) per model, a line per method."""
+    quant = degradation(rows[rows.regime != "weight-activation"] if len(rows) else rows)
+    if not len(quant) or quant["ratio"].isna().all():
+        return _placeholder(title, "No quantized results with an fp baseline are recorded for this grid yet.")
+    quant = quant.dropna(subset=["ratio"])
+    models = [m for m in dict.fromkeys(rows["model"]) if m in set(quant["model"])]
+    panels = [(d, s) for d in dict.fromkeys(quant["dataset"]) for s in order_settings(quant["setting"])
+              if len(quant[(quant.dataset == d) & (quant.setting == s)])]
+    colors = method_colors(quant["method"])
+    fig, axes = _panels(len(panels))
+    for ax, (dataset, setting) in zip(axes, panels):
+        sub = quant[(quant.dataset == dataset) & (quant.setting == setting)]
+        for method, m in sub.groupby("method"):
+            m = m.assign(x=m["model"].map({name: k for k, name in enumerate(models)})).sort_values("x")
+            ax.plot(m["x"], m["ratio"], marker="o", color=colors[method], label=method, linewidth=1.4)
+        collapsed = sub[sub["value"] > collapse]
+        if len(collapsed):
+            ax.scatter(collapsed["model"].map({name: k for k, name in enumerate(models)}), collapsed["ratio"],
+                       marker="x", s=90, color="#c0392b", zorder=5, label=f"collapsed (ppl > {collapse:g})")
+        ax.axhline(1, color="black", linestyle="--", linewidth=1, label="fp")
+        ax.set_yscale("log")
+        ax.set_xticks(range(len(models)), models, rotation=15, fontsize=8)
+        ax.set_xlabel("model (structure)", fontsize=9)
+        ax.set_ylabel(f"perplexity / fp, {_dataset_label(rows, dataset)} (log)", fontsize=9)
+        ax.set_title(f"{setting}", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _footnote(fig, rows)
+    return fig
+
+
+def notes_table(rows: pd.DataFrame) -> pd.DataFrame:
+    """What runs recorded about themselves (expert fallbacks, transforms skipped by structure),
+    one row per run that has a note."""
+    cols = ["model", "method", "setting", "notes"]
+    if not len(rows) or "notes" not in rows:
+        return pd.DataFrame(columns=cols)
+    noted = rows[rows["notes"].fillna("").astype(str).str.len() > 0]
+    return noted.drop_duplicates("run_id")[cols].reset_index(drop=True)
+
+
+def structure_findings(rows: pd.DataFrame) -> dict[str, str]:
+    """Glue values for the cross-structure chapter; every key is always present."""
+    from .methods import FP, METHODS
+
+    out = {"n_models": "0", "models_seen": NA, "robust_method": NA, "robust_strategy": NA, "robust_worst": NA,
+           "runner_up": NA, "runner_up_worst": NA, "partial": "none",
+           "verdict": "No quantized results with an fp baseline are recorded for this grid yet, so the claim is "
+                      "untested here."}
+    table = structure_table(rows)
+    if not len(table):
+        return out
+    models = [c for c in table.columns if c not in ("method", "worst", "structures")]
+    out["n_models"], out["models_seen"] = str(len(models)), ", ".join(models)
+    full = table[table["structures"] == len(models)]
+    out["partial"] = ", ".join(f"{r.method} ({int(r.structures)} of {len(models)})"
+                               for r in table[table["structures"] < len(models)].itertuples()) or "none"
+    if len(models) < 2 or not len(full):
+        out["verdict"] = "Fewer than two structures have a method recorded on all of them, so the claim is untested."
+        return out
+    best = full.iloc[0]
+    steps = _steps(best["method"])
+    strategies = [METHODS[step].info.strategy if step in METHODS else FP.strategy for step in steps]
+    out["robust_method"], out["robust_worst"] = best["method"], fmt(best["worst"], 3)
+    out["robust_strategy"] = strategies[0] if len(steps) == 1 else f"{' then '.join(strategies)} ({'+'.join(steps)})"
+    if len(full) > 1:
+        out["runner_up"], out["runner_up_worst"] = full.iloc[1]["method"], fmt(full.iloc[1]["worst"], 3)
+    margin = (f"its worst geometric-mean perplexity over the {len(models)} structures is {out['robust_worst']}x fp, "
+              f"against {out['runner_up_worst']}x for {out['runner_up']}")
+    if len(full) < 2:
+        out["verdict"] = f"Only {best['method']} is recorded on every structure, so there is nothing to compare yet."
+    elif strategies[0] == "compensation":
+        out["verdict"] = f"We agree: {best['method']} (compensation) is the most robust across structures: {margin}."
+    elif "compensation" in strategies:
+        out["verdict"] = (f"Partly: {best['method']} is the most robust across structures, a {strategies[0]} method "
+                          f"whose weights a compensation quantizer rounds: {margin}.")
+    else:
+        out["verdict"] = (f"We disagree: {best['method']} ({strategies[0]}), not a compensation method, is the most "
+                          f"robust across structures: {margin}.")
     return out
 
 

@@ -299,3 +299,28 @@ def test_tables_and_explorer(tmp_path):
     assert table.iloc[0]["method"] == "gptq" and table.iloc[0]["wins"] == 3
     assert "No results" in report.explorer_html(report.explorer_frame(tmp_path)).data
     assert report.results_path("results") == ROOT / "results"
+
+
+def test_structure_table_plot_and_findings():
+    from ptqcore import report
+
+    dense = synthetic_rows()
+    moe = synthetic_rows().assign(model="tiny-moe", run_id=lambda f: f["run_id"] + "m",
+                                  config_hash=lambda f: f["config_hash"] + "m")
+    moe.loc[moe.method == "gptq", "value"] *= 3.0  # gptq degrades most on the MoE: rtn's worst case is better
+    moe.loc[moe.method == "rtn", "notes"] = "expert fallback: 2 linears"
+    rows = report._annotate(pd.concat([dense, moe], ignore_index=True))
+    table = report.structure_table(rows)
+    assert list(table.columns[:3]) == ["method", "tiny-llama", "tiny-moe"]
+    assert list(table["method"]) == ["rtn", "gptq"] and (table["structures"] == 2).all()
+    assert table.iloc[1]["worst"] == pytest.approx(table.iloc[1]["tiny-moe"])
+    found = report.structure_findings(rows)
+    assert found["robust_method"] == "rtn" and found["verdict"].startswith("We disagree")
+    found = report.structure_findings(rows[~((rows.model == "tiny-moe") & (rows.method == "rtn"))])
+    assert found["robust_method"] == "gptq" and found["verdict"].startswith("Only gptq")
+    assert found["partial"] == "rtn (1 of 2)"
+    assert list(report.notes_table(rows)["method"]) == ["rtn"] * 3
+    fig = report.plot_structures(rows, title="S")
+    assert fig.axes[0].get_yscale() == "log" and fig._suptitle.get_text() == "S"
+    assert "No quantized" in report.structure_findings(rows.iloc[0:0])["verdict"]
+    assert report.plot_structures(rows.iloc[0:0]).axes[0].get_title()
