@@ -16,6 +16,7 @@ lists every such linear with its token count (the run's results count them in `n
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -40,13 +41,18 @@ def _first_tensor(out):
 
 @torch.inference_mode()
 def capture_block_inputs(
-    model: nn.Module, adapter: Adapter, input_ids: torch.Tensor
+    model: nn.Module, adapter: Adapter, input_ids: torch.Tensor | list[dict]
 ) -> tuple[torch.Tensor, dict]:
     """Hidden states entering block 0 for each row of `input_ids` ([N, L] -> [N, L, H]), and
     the other keyword arguments the block receives (rotary embeddings, mask, ...).
 
     Those are captured from batches of one window, so their batch dimension is 1 and
     broadcasts over any batch of windows that share the length L.
+
+    `input_ids` may instead be a list of model-input dicts of batch size 1 (a vision-language
+    model's `input_ids` + `pixel_values`, all of one length): each is passed to `model(**batch)`,
+    so block 0 of the language model sees the projected image features among its inputs, and a
+    vision tower's block 0 the image patches.
     """
     block0 = adapter.get_blocks(model)[0]
     captured: dict = {}
@@ -54,16 +60,20 @@ def capture_block_inputs(
     def grab(module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
         captured.setdefault("hidden", []).append(hidden.detach())
-        if "kwargs" not in captured:
-            captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        if "kwargs" not in captured:  # positional extras by name (a CLIP encoder passes its mask so)
+            names = list(inspect.signature(module.forward).parameters)[1 : len(args)]
+            captured["kwargs"] = {**dict(zip(names, args[1:])),
+                                  **{k: v for k, v in kwargs.items() if k != "hidden_states"}}
         raise _Stop
 
     handle = block0.register_forward_pre_hook(grab, with_kwargs=True)
     device = next(model.parameters()).device
     try:
         for row in input_ids:
+            batch = ({k: v.to(device) for k, v in row.items()} if isinstance(row, dict)
+                     else {"input_ids": row[None].to(device)})
             try:
-                model(input_ids=row[None].to(device), use_cache=False)
+                model(**batch, use_cache=False)
             except _Stop:
                 pass
     finally:

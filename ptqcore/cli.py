@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu", help="cpu or cuda")
     run.add_argument("--quantize-routers", action="store_true",
                      help="mixtures of experts: quantize routers and shared-expert gates too (default: full precision)")
+    run.add_argument("--quantize-vision", action="store_true",
+                     help="vision-language (llava): quantize the vision tower and projector too (default: the "
+                          "language model only)")
+    run.add_argument("--vqa-limit", type=int,
+                     help="easy_vqa: test questions scored, the first N of a seeded shuffle (default: all 9673)")
     run.add_argument("--min-expert-tokens", type=int,
                      help="an expert routed fewer calibration tokens gets RTN, counted in the notes "
                           "(default: ptqcore.calib.MIN_EXPERT_TOKENS, 32)")
@@ -119,6 +124,7 @@ def _cmd_run(args) -> int:
         limit=None if args.all_windows else args.limit, seed=args.seed, device=args.device,
         batch_size=args.batch_size, tasks=_csv(args.tasks), task_limit=args.task_limit,
         task_batch_size=args.task_batch_size, quantize_routers=args.quantize_routers,
+        quantize_vision=args.quantize_vision, vqa_limit=args.vqa_limit,
         **({} if args.min_expert_tokens is None else {"min_expert_tokens": args.min_expert_tokens}),
     )
     run_spec.validate()  # fail on bad input before torch threads or models are touched
@@ -160,6 +166,7 @@ def _cmd_list(args) -> int:
         for name in sorted(DATASETS):
             where = "offline" if name in OFFLINE_CHOICES else "needs network access"
             print(f"  {name:10s} {where}")
+        print(f"  {'easy_vqa':10s} offline (PyPI easy-vqa): VQA accuracy of a vision-language model, --vqa-limit N")
     if "tasks" in show:
         _list_tasks(args.all, count_upstream=args.what == "tasks")
     if "profiles" in show:

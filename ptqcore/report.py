@@ -789,6 +789,113 @@ def structure_findings(rows: pd.DataFrame) -> dict[str, str]:
     return out
 
 
+# --------------------------------------------------------------------------- modality
+
+def vqa_rows(rows: pd.DataFrame) -> pd.DataFrame:
+    """VQA rows with `quantized` (which parts: "language model" or "language model + vision")
+    and `drop` (accuracy points lost against the fp run of the same model)."""
+    if not len(rows):
+        return rows.assign(quantized=pd.Series(dtype=str), drop=pd.Series(dtype=float))
+    vision = rows["quantize_vision"].fillna(False).astype(bool) if "quantize_vision" in rows else False
+    rows = rows.assign(quantized=["language model + vision" if v else "language model"
+                                  for v in (vision if not isinstance(vision, bool) else [vision] * len(rows))])
+    rows.loc[rows.method == "fp", "quantized"] = "nothing (fp)"
+    fp = rows[rows.method == "fp"].set_index("model")["value"]
+    return rows.assign(drop=[100 * (fp.get(m, float("nan")) - v) for m, v in zip(rows["model"], rows["value"])])
+
+
+def vqa_table(rows: pd.DataFrame):
+    """Accuracy +- stderr, (model, quantized parts, method) x setting."""
+    if not len(rows):
+        return pd.DataFrame({"note": ["no recorded results for this grid"]}).style.hide(axis="index")
+    cells = rows.assign(cell=[f"{v:.3f} +- {e:.3f}" if pd.notna(e) else f"{v:.3f}"
+                              for v, e in zip(rows["value"], rows["stderr"])])
+    table = cells.pivot_table(index=["model", "quantized", "method"], columns="setting", values="cell",
+                              aggfunc="first")
+    table = table[[s for s in order_settings(rows["setting"]) if s in table.columns]]
+    table.columns.name = "setting"
+    return table.style.set_caption("easy-vqa exact-match accuracy +- standard error (higher is better).")
+
+
+def plot_vqa(rows: pd.DataFrame, title: str = "VQA accuracy per method and setting"):
+    """One panel per (model, quantized parts): accuracy per setting, a bar per method, fp dashed."""
+    quant = rows[rows.method != "fp"] if len(rows) else rows
+    if not len(quant):
+        return _placeholder(title, "No quantized VQA results are recorded for this grid yet.")
+    panels = list(dict.fromkeys(zip(quant["model"], quant["quantized"])))
+    colors = method_colors(quant["method"])
+    fig, axes = _panels(len(panels))
+    for ax, (model, parts) in zip(axes, panels):
+        sub = quant[(quant.model == model) & (quant.quantized == parts)]
+        settings, methods = order_settings(sub["setting"]), sorted(sub["method"].unique())
+        width = 0.8 / len(methods)
+        for k, method in enumerate(methods):
+            m = sub[sub.method == method].set_index("setting")
+            xs = [i + (k - (len(methods) - 1) / 2) * width for i, s in enumerate(settings) if s in m.index]
+            ys = [m.loc[s, "value"] for s in settings if s in m.index]
+            errs = [m.loc[s, "stderr"] if pd.notna(m.loc[s, "stderr"]) else 0 for s in settings if s in m.index]
+            ax.bar(xs, ys, width, yerr=errs, color=colors[method], label=method, capsize=2)
+        base = rows[(rows.model == model) & (rows.method == "fp")]["value"]
+        if len(base):
+            ax.axhline(base.iloc[0], color="black", linestyle="--", linewidth=1, label=f"fp ({base.iloc[0]:.3f})")
+        ax.set_ylim(0, 1)
+        ax.set_xticks(range(len(settings)), settings)
+        ax.set_xlabel("setting (w: weight bits, g: group size)", fontsize=9)
+        ax.set_ylabel("easy-vqa exact-match accuracy", fontsize=9)
+        ax.set_title(f"{model}: {parts} quantized", fontsize=10)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _footnote(fig, rows)
+    return fig
+
+
+def modality_findings(rows: pd.DataFrame) -> dict[str, str]:
+    """Glue values for the cross-modality chapter (rows from `vqa_rows`); every key is present."""
+    from .methods import FP, METHODS
+
+    out = {"fp_acc": NA, "n_methods": "0", "robust_method": NA, "robust_strategy": NA, "robust_drop": NA,
+           "runner_up": NA, "runner_up_drop": NA, "vision_note": "No run quantized the vision side yet.",
+           "verdict": "No quantized VQA results are recorded for this grid yet, so the claim is untested here."}
+    if not len(rows):
+        return out
+    fp = rows[rows.method == "fp"]["value"]
+    out["fp_acc"] = fmt(fp.iloc[0], 3) if len(fp) else NA
+    lm = rows[(rows.method != "fp") & (rows.quantized == "language model")].dropna(subset=["drop"])
+    if len(lm):
+        settings = lm.groupby("setting")["method"].nunique()
+        shared = settings[settings == lm["method"].nunique()].index
+        common = lm[lm.setting.isin(shared)]
+        ranked = common.groupby("method")["drop"].mean().sort_values()
+        out["n_methods"] = str(len(ranked))
+        best = ranked.index[0]
+        steps = _steps(best)
+        strategies = [METHODS[s].info.strategy if s in METHODS else FP.strategy for s in steps]
+        out["robust_method"], out["robust_drop"] = best, fmt(ranked.iloc[0], 3)
+        out["robust_strategy"] = strategies[0] if len(steps) == 1 else f"{' then '.join(strategies)} ({'+'.join(steps)})"
+        if len(ranked) > 1:
+            out["runner_up"], out["runner_up_drop"] = ranked.index[1], fmt(ranked.iloc[1], 3)
+        margin = (f"{out['robust_drop']} accuracy points lost on average over {len(shared)} settings, against "
+                  f"{out['runner_up_drop']} for {out['runner_up']}")
+        if len(ranked) < 2:
+            out["verdict"] = f"Only {best} is recorded besides fp, so there is nothing to compare yet."
+        elif strategies[0] == "compensation":
+            out["verdict"] = f"We agree: {best} (compensation) loses the least VQA accuracy: {margin}."
+        elif "compensation" in strategies:
+            out["verdict"] = (f"Partly: {best} loses the least VQA accuracy, a {strategies[0]} method whose weights a "
+                              f"compensation quantizer rounds: {margin}.")
+        else:
+            out["verdict"] = f"We disagree: {best} ({strategies[0]}), not a compensation method, loses the least: {margin}."
+    both = rows[rows.method != "fp"].pivot_table(index=["method", "setting"], columns="quantized", values="drop")
+    if {"language model", "language model + vision"} <= set(both.columns):
+        pairs = both.dropna(subset=["language model", "language model + vision"])
+        if len(pairs):
+            extra = (pairs["language model + vision"] - pairs["language model"]).mean()
+            out["vision_note"] = (f"Quantizing the vision tower and projector as well costs {fmt(extra, 3)} more "
+                                  f"accuracy points on average ({len(pairs)} method x setting pairs).")
+    return out
+
+
 # --------------------------------------------------------------------------- model size
 
 @lru_cache(maxsize=None)

@@ -50,6 +50,8 @@ class RunSpec:
     task_batch_size: int = 8  # lm-eval batch size (sequences per forward)
     quantize_routers: bool = False  # mixtures of experts: quantize routers and shared-expert gates too
     min_expert_tokens: int = MIN_EXPERT_TOKENS  # an expert routed fewer calibration tokens gets RTN
+    quantize_vision: bool = False  # vision-language (llava): quantize the vision tower and projector too
+    vqa_limit: int | None = None  # easy_vqa: test questions scored (first N of a seeded shuffle); None: all
 
     def resolved(self) -> tuple[Profile, "RunSpec"]:
         """The profile with this run's overrides applied."""
@@ -71,9 +73,22 @@ class RunSpec:
         check_model_name(self.model)
         validate_pipeline_name(self.method)
         p, _ = self.resolved()
+        from .eval.vqa import VQA_DATASETS, check_installed
+
+        if p.calib_dataset in VQA_DATASETS:
+            raise ValueError(f"{p.calib_dataset} is an evaluation dataset; calibrate on a text dataset "
+                             f"({', '.join(sorted(data.OFFLINE_CHOICES))}): a vision-language model's calibration "
+                             "samples take their images from easy-vqa train")
+        if any(name in VQA_DATASETS for name in p.eval_datasets):
+            check_installed()  # a missing easy-vqa says what to install
+        if self.vqa_limit is not None and (self.vqa_limit <= 0 or not set(p.eval_datasets) & set(VQA_DATASETS)):
+            raise ValueError(f"VQA limit must be positive and needs --datasets easy_vqa, got {self.vqa_limit}")
         for name in (p.calib_dataset, *p.eval_datasets):
+            if name in VQA_DATASETS:
+                continue
             if name not in data.DATASETS:
-                raise ValueError(f"unknown dataset {name!r}; available: {', '.join(sorted(data.DATASETS))}")
+                raise ValueError(f"unknown dataset {name!r}; available: "
+                                 f"{', '.join(sorted([*data.DATASETS, *VQA_DATASETS]))}")
             if name not in data.OFFLINE_CHOICES:
                 data.load_text(name, "test")  # network datasets fail here, before any model is loaded
         for what, value in (("sample count", p.nsamples), ("calibration seqlen", p.calib_seqlen),
@@ -94,9 +109,10 @@ class RunSpec:
         if self.task_batch_size <= 0:
             raise ValueError(f"task batch size must be positive, got {self.task_batch_size}")
         if self.method == FP.name:
-            if self.spec is not None or self.act is not None or self.options or self.quantize_routers:
+            if self.spec is not None or self.act is not None or self.options or self.quantize_routers \
+                    or self.quantize_vision:
                 raise ValueError("method fp quantizes nothing: drop --wbits/--group-size/--abits/--option/"
-                                 "--quantize-routers")
+                                 "--quantize-routers/--quantize-vision")
         else:
             if self.spec is None:
                 raise ValueError(f"method {self.method} needs --wbits")
@@ -133,6 +149,12 @@ class RunSpec:
                if v != RunSpec.__dataclass_fields__[k].default}
         if moe:  # only when not the defaults, so every other config keeps its hash
             config["moe"] = moe
+        if self.quantize_vision:  # the same: only when not the default
+            config["vlm"] = {"quantize_vision": True}
+        from .eval.vqa import VQA_DATASETS, VQA_PROTOCOL
+
+        if set(p.eval_datasets) & set(VQA_DATASETS):
+            config["eval"]["vqa"] = {"limit": self.vqa_limit, "seed": p.seed, "protocol": VQA_PROTOCOL}
         if self.tasks:
             config["zeroshot"] = {"tasks": list(self.tasks), "limit": self.task_limit, "num_fewshot": 0,
                                   "batch_size": self.task_batch_size, "seed": p.seed}
@@ -175,6 +197,8 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
         if spec.spec is None or spec.act is not None or spec.spec.bits not in FORMAT_BITS:
             raise ValueError(f"--export writes the GPTQ format: weight-only settings of {FORMAT_BITS} bits, "
                              f"not {config['setting']}")
+        if spec.quantize_vision:
+            raise ValueError("--export writes the language model's linears only; drop --quantize-vision")
         basis = [step.info.name for step in spec.pipeline().steps if step.info.sets_basis]
         if basis:
             raise ValueError(f"--export: {basis[0]} quantizes each layer in a changed basis, which the GPTQ "
@@ -191,10 +215,24 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
     model, adapter = loaded.model, loaded.adapter
     if spec.quantize_routers:
         adapter = adapter.with_quantized_routers()
+    processor = loaded.extra.get("processor")  # vision-language models (llava) only
+    adapters = [adapter]
+    if processor is not None or spec.quantize_vision:
+        from .models.llava import is_llava, parts
+
+        if not is_llava(model) or processor is None:
+            raise ValueError(f"--quantize-vision needs a vision-language (llava) model with a processor, not {spec.model}")
+        adapters = parts(model, spec.quantize_vision)  # [vision tower, projector,] language model
+    from .eval.vqa import VQA_DATASETS
+
+    if processor is None and set(p.eval_datasets) & set(VQA_DATASETS):
+        raise ValueError(f"dataset easy_vqa needs a vision-language model with a processor (e.g. smollm2-llava), "
+                         f"not {spec.model}")
     if spec.spec is not None:  # a group size wider than a layer's input fails before any work
-        for block_index, block in enumerate(adapter.get_blocks(model)):
-            for name, linear in adapter.linears(block).items():
-                check_group_size(linear.in_features, spec.spec, f"{name} (block {block_index})")
+        for part in adapters:
+            for block_index, block in enumerate(part.get_blocks(model)):
+                for name, linear in part.linears(block).items():
+                    check_group_size(linear.in_features, spec.spec, f"{name} (block {block_index})")
     cost = model_cost(model, adapter, spec.spec)  # from the shapes: what the packed model stores
     export_bytes = None
 
@@ -206,11 +244,23 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
             calib_ids = None
             if pipeline.needs_calibration:
                 train = data.tokenize_split(p.calib_dataset, "train", loaded.tokenizer)
-                calib_ids = data.calibration_windows(train, p.nsamples, p.calib_seqlen, p.seed)
+                if processor is not None:  # samples carry an image and text (see models.llava)
+                    from .models.llava import calibration_batches
+
+                    calib_ids = calibration_batches(processor, train, p.nsamples, p.calib_seqlen, p.seed)
+                else:
+                    calib_ids = data.calibration_windows(train, p.nsamples, p.calib_seqlen, p.seed)
             start = time.perf_counter()
-            result = quantize_model(model, adapter, pipeline, calib_ids, spec.act, spec.batch_size,
-                                    progress=progress, desc=f"{spec.method} {config['setting']}",
-                                    min_expert_tokens=spec.min_expert_tokens)
+            if processor is not None:
+                from .models.llava import quantize_parts
+
+                result = quantize_parts(model, adapters, pipeline, calib_ids, spec.act, spec.batch_size,
+                                        progress=progress, desc=f"{spec.method} {config['setting']}",
+                                        min_expert_tokens=spec.min_expert_tokens)
+            else:
+                result = quantize_model(model, adapter, pipeline, calib_ids, spec.act, spec.batch_size,
+                                        progress=progress, desc=f"{spec.method} {config['setting']}",
+                                        min_expert_tokens=spec.min_expert_tokens)
             weight_rel_change = result.weight_rel_change
             moe_note = expert_fallback_note(result.expert_fallbacks)
             quant_seconds = time.perf_counter() - start
@@ -224,6 +274,13 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
                     f"({export_bytes / 2**20:.1f} MiB)")
         metrics = []
         for dataset in p.eval_datasets:
+            if dataset in VQA_DATASETS:
+                from .eval.vqa import vqa_accuracy
+
+                res = vqa_accuracy(model, processor, spec.vqa_limit, p.seed, progress=progress)
+                metrics.append({k: v for k, v in res.items() if k not in ("examples", "split")}
+                               | {"seqlen": None, "scored_tokens": None})
+                continue
             test = data.tokenize_split(dataset, "test", loaded.tokenizer)
             result = perplexity(model, adapter, test, p.eval_seqlen, p.eval_limit, desc=f"ppl {dataset}",
                                 progress=progress)
@@ -247,7 +304,8 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
         "group_size": spec.spec.group_size if spec.spec else None,
         "sym": spec.spec.sym if spec.spec else None,
         "abits": spec.act.bits if spec.act else 16,
-        "calib": config["calib"],
+        "calib": config["calib"] if not (processor is not None and config["calib"]) else
+        {**config["calib"], "images": "easy_vqa train: one image + its questions and answers, then the text window"},
         "seed": p.seed,
         "profile": p.name,
         "quant_seconds": quant_seconds,
@@ -259,6 +317,8 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
         "export_bytes": export_bytes,
         "notes": "; ".join(n for n in (native_grid_note(loaded.native_grid, spec.spec), moe_note) if n),
     }
+    if processor is not None:  # a vision-language model: which parts were quantized
+        base["quantize_vision"] = spec.quantize_vision
     rows = make_rows(base, metrics)
     store.write_run(rows)
     return rows

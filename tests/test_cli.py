@@ -18,9 +18,9 @@ def run_cli(capsys, *args):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["run", "--model", "nope"], "unknown model 'nope'; available: smollm2-135m, smollm2-dsmoe, smollm2-moe, tiny-llama"),
+        (["run", "--model", "nope"], "unknown model 'nope'; available: mamba-wiki, smollm2-135m, smollm2-dsmoe, smollm2-llava, smollm2-moe, tiny-llama"),
         (["run", "--model", "smollm2-135m", "--method", "bogus", "--wbits", "4"], "unknown method 'bogus'; available: " + ", ".join(method_names())),
-        (["run", "--model", "smollm2-135m", "--method", "fp", "--datasets", "ptb"], "unknown dataset 'ptb'; available: c4, sotu, wiki, wikitext2"),
+        (["run", "--model", "smollm2-135m", "--method", "fp", "--datasets", "ptb"], "unknown dataset 'ptb'; available: c4, easy_vqa, sotu, wiki, wikitext2"),
         (["run", "--model", "smollm2-135m", "--profile", "gpu"], "unknown profile 'gpu'; available: cpu, paper"),
         (["run", "--model", "smollm2-135m", "--method", "gptq", "--wbits", "9"], "bits must be an integer in 2..8"),
         (["run", "--model", "smollm2-135m", "--method", "gptq", "--wbits", "1"], "bits must be an integer in 2..8"),

@@ -1,5 +1,6 @@
 """Evaluation: perplexity here; zero-shot accuracy through lm-eval in `ptqcore.eval.zeroshot` (imported
-on use: it needs the `lm-eval` package). VQA comes later."""
+on use: it needs the `lm-eval` package); VQA accuracy of a vision-language model in `ptqcore.eval.vqa`
+(needs `easy-vqa`)."""
 
 from .perplexity import model_flops_per_token, perplexity
 

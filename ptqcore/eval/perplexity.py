@@ -27,9 +27,12 @@ def model_flops_per_token(model: torch.nn.Module, adapter: Adapter, seqlen: int)
         linear.weight.numel() for block in blocks for linear in adapter.linears(block).values()
     )
     head = model.get_submodule(adapter.lm_head).weight.numel()
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    attn = len(blocks) * 2 * 2 * (seqlen / 2) * cfg.num_attention_heads * head_dim
+    cfg = model.config.get_text_config()  # a vision-language model: its language model's
+    heads = getattr(cfg, "num_attention_heads", None)
+    if not heads:  # no attention (Mamba): the scan's elementwise work is not counted
+        return 2.0 * (linear_params + head)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    attn = len(blocks) * 2 * 2 * (seqlen / 2) * heads * head_dim
     return 2.0 * (linear_params + head) + attn
 
 

@@ -34,6 +34,9 @@ Deviations, one line each:
   (they read it); every expert's down projection gets its own online Hadamard. Without a
   per-head value -> output map (DeepSeek's multi-head latent attention: `value_out` None) the
   per-head rotation is skipped and the state says why.
+- Mamba: residual stream rotated and an online Hadamard at out_proj's input (its only residual
+  writer, handled as the MLP output projection); no per-head rotation (no attention) and x_proj /
+  dt_proj inputs left unrotated, each with the adapter's reason in the state (`Adapter.notes`).
 """
 
 from __future__ import annotations
@@ -79,6 +82,8 @@ class QuaRot(Method):
     @torch.no_grad()
     def prepare(self, model, adapter) -> dict:
         cfg = self.config
+        if adapter.rotation_refusal:
+            raise ValueError(f"QuaRot on {adapter.name}: {adapter.rotation_refusal}")
         if has_online_hadamard(model, adapter):
             raise ValueError("QuaRot: this model is already rotated (it has online Hadamard hooks)")
         hidden = hidden_size(model, adapter)
@@ -89,9 +94,9 @@ class QuaRot(Method):
         rotate_residual(model, adapter, lambda x: hadamard_transform(x) * signs.to(x.device))
         state = {"seed": cfg.seed, "hidden_size": hidden, "untied_lm_head": untied}
         if cfg.rotate_heads and adapter.value_out is None:
-            state["rotate_heads"] = (f"skipped: adapter {adapter.name} has no per-head value -> output map "
-                                     "(value_out): DeepSeek's multi-head latent attention packs keys and values in "
-                                     "one projection; OLMoE's clip_qkv clamps the values")
+            state["rotate_heads"] = "skipped: " + adapter.note(
+                "rotate_heads", f"adapter {adapter.name} has no per-head value -> output map (value_out): DeepSeek's "
+                "multi-head latent attention packs keys and values in one projection; OLMoE's clip_qkv clamps the values")
         elif cfg.rotate_heads:
             size = head_dim(model)
             rotate_heads(model, adapter, size)
@@ -101,6 +106,8 @@ class QuaRot(Method):
             self.hooks = add_online_hadamard(model, adapter)
             block = adapter.get_blocks(model)[0]
             state["online_hadamard"] = {n: block.get_submodule(n).in_features for n in mlp_out_writers(adapter, block)}
+        if adapter.note("not_rotated"):  # inputs left in their basis, with the adapter's reason (Mamba)
+            state["not_rotated"] = adapter.note("not_rotated")
         return state
 
     def process_block(self, ctx: BlockContext) -> None:

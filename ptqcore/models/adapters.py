@@ -16,6 +16,10 @@ them, so any hook (Hessians, activation statistics) sees the routed tokens and n
 A group's `parts` say which of its linears see the same tokens (one part per expert), its
 `readers` which other modules read the same input and must follow any fold or rotation
 (routers, the shared-expert gate: full precision unless `quantize_routers`).
+
+Mamba (`ptqcore.models.mamba`): `get_blocks` exposes each mixer so that its four linears are
+called as modules (transformers multiplies dt_proj's weight directly); a group may read a slice
+of its `prev` linear's outputs (`prev_rows`: x_proj's dt rows feed dt_proj).
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ class LinearGroup:
     # Consecutive groups with the same stage read inputs that none of them changes (one expert's
     # down projection does not feed another's), so their inputs can be collected in one pass.
     stage: str | None = None
+    # When `prev` is a linear of which only a slice of output rows [start, end) is this group's
+    # input (Mamba: x_proj's first r rows feed dt_proj, its B and C rows go elsewhere): a scale
+    # folds into those rows only. None: all of prev's outputs.
+    prev_rows: tuple[int, int] | None = None
 
     def token_sets(self) -> tuple[tuple[str, ...], ...]:
         """The linears grouped by the tokens they see (dense: one set, all of `linears`)."""
@@ -95,6 +103,18 @@ class Adapter:
     # groups and residual writers instead (`for_block`).
     dense_groups: tuple[LinearGroup, ...] = ()
     dense_residual_writers: tuple[str, ...] = ()
+    # Modules outside the blocks (paths from the model) whose outputs enter the residual stream
+    # besides the embeddings (a vision-language projector's last linear): rotated like writers.
+    input_writers: tuple[str, ...] = ()
+    # Why a rotation of this stack's residual stream cannot be exact (LayerNorm with a mean), if so.
+    rotation_refusal: str | None = None
+    # (topic, reason) pairs: what a transform cannot do on this architecture and why, for the
+    # methods to record in their state instead of failing (Mamba: "rotate_heads", "not_rotated").
+    notes: tuple[tuple[str, str], ...] = ()
+
+    def note(self, topic: str, default: str | None = None) -> str | None:
+        """The adapter's stated reason for `topic` (see `notes`), or `default`."""
+        return dict(self.notes).get(topic, default)
 
     def for_block(self, block: nn.Module) -> Adapter:
         """The adapter of one block: itself, or its dense variant for a block without experts."""
@@ -113,6 +133,8 @@ class Adapter:
 
     def get_blocks(self, model: nn.Module) -> nn.ModuleList:
         blocks = model.get_submodule(self.blocks)
+        if not isinstance(blocks, nn.ModuleList):  # a single module (a projector) is a stack of one block
+            blocks = nn.ModuleList([blocks])
         if self.experts:
             from .moe import expose_experts
 
@@ -184,9 +206,11 @@ ADAPTERS: dict[str, Adapter] = {adapter.name: adapter for adapter in (LLAMA,)}
 
 
 def _moe_builders() -> dict[str, tuple[tuple[str, ...], Callable]]:
+    """Adapters built from the config: mixtures of experts (`moe.py`) and Mamba (`mamba.py`)."""
+    from .mamba import MAMBA_ADAPTERS
     from .moe import MOE_ADAPTERS
 
-    return MOE_ADAPTERS
+    return {**MOE_ADAPTERS, **MAMBA_ADAPTERS}
 
 
 def adapter_for(model: nn.Module, quantize_routers: bool = False) -> Adapter:
@@ -203,6 +227,10 @@ def adapter_for(model: nn.Module, quantize_routers: bool = False) -> Adapter:
         if model_type in model_types:
             adapter = build(config)
             return adapter.with_quantized_routers() if quantize_routers else adapter
+    from .llava import LLAVA_TYPES, llava_adapter
+
+    if model_type in LLAVA_TYPES:  # the language model's blocks; `llava.parts` adds the vision side
+        return llava_adapter(model)
     supported = sorted([t for a in ADAPTERS.values() for t in a.model_types]
-                       + [t for types, _ in _moe_builders().values() for t in types])
+                       + [t for types, _ in _moe_builders().values() for t in types] + list(LLAVA_TYPES))
     raise ValueError(f"no adapter for model type {model_type!r}; supported: {', '.join(supported)}")

@@ -11,6 +11,13 @@ a shared expert + 16 routed experts, top-4) are SmolLM2-135M upcycled into mixtu
 (`ptqcore.models.upcycle`): identical experts, a router built from a clustering of the MLP's
 neurons on wiki train text. Built on first use (progress shown, wall time recorded in the
 card `README.md` and `build.json` of the cached folder), deterministic.
+
+`smollm2-llava` (`LlavaForConditionalGeneration`) is SmolLM2-135M (frozen) with a small CLIP vision
+encoder and projector trained on easy-vqa train (`ptqcore.models.llava_recipe`), built on first use
+the same way; `load_model` returns it with its `LlavaProcessor` in `LoadedModel.extra["processor"]`.
+
+`mamba-wiki` is a small Mamba trained here from scratch on wiki train with SmolLM2's tokenizer
+(`ptqcore.models.mamba.build_mamba`; ~12 minutes on one CPU thread), built on first use the same way.
 """
 
 from __future__ import annotations
@@ -97,6 +104,19 @@ def _build_tiny_llama(out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+def _build_tiny_llava(out: Path) -> None:
+    """A tiny LLaVA (tiny-llama as the language model, a 2-layer CLIP of width 32 on 32 px
+    images, 4 image tokens), the smollm2-llava recipe cut to a few steps, seed 0: smoke tests
+    and notebook dry runs only; its numbers mean nothing."""
+    from .llava_recipe import LlavaRecipe, build_llava
+
+    text = load_model("tiny-llama")
+    recipe = LlavaRecipe(image_size=32, patch_size=16, vision_hidden=32, vision_layers=2, vision_heads=2,
+                         vision_mlp=64, stage1_epochs=1, stage1_batch=16, stage2_steps=2, stage2_batch=4, warmup=1,
+                         eval_limit=4, eval_batch=4, threads=1, train_questions=200)
+    build_llava(out, "tiny-llava", text.model, text.tokenizer, recipe, base="tiny-llama (random)", progress=False)
+
+
 # Upcycled MoE recipes: router fitted on these wiki train windows (nsamples, seqlen, seed); the
 # routing histogram is taken on the cpu profile's calibration windows (what experts are calibrated on).
 ROUTER_WINDOWS = (8, 512, 1234)
@@ -153,6 +173,19 @@ def build_upcycled(out: Path, name: str, dense, tokenizer, recipe: str, n_expert
     return info
 
 
+def _build_mamba_wiki(out: Path) -> None:
+    """`mamba-wiki`: `ptqcore.models.mamba.build_mamba` with SmolLM2's tokenizer, at the torch
+    thread count in force (recorded in the card; `--threads`)."""
+    from transformers import AutoTokenizer
+
+    from .mamba import build_mamba
+
+    tokenizer = AutoTokenizer.from_pretrained(cached_checkpoint(MODELS["smollm2-135m"]))
+    info = build_mamba(out, tokenizer, "mamba-wiki")
+    print(f"mamba-wiki: built in {info['build_seconds']:.0f} s ({info['threads']} threads); final train loss "
+          f"{info['train_loss_final']:.3f}; wiki test ppl {info['wiki_test_ppl']:.2f}")
+
+
 def _build_smollm2_upcycled(recipe: str, n_experts: int, top_k: int, name: str) -> Callable[[Path], None]:
     def build(out: Path) -> None:
         dense = load_model("smollm2-135m")
@@ -161,6 +194,16 @@ def _build_smollm2_upcycled(recipe: str, n_experts: int, top_k: int, name: str) 
               f"{info['fp_max_rel_diff']:.1e}; routing entropy / log(E) = {info['routing_entropy_ratio']:.3f}")
 
     return build
+
+
+def _build_smollm2_llava(out: Path) -> None:
+    from .llava_recipe import build_llava
+
+    dense = load_model("smollm2-135m")
+    info = build_llava(out, "smollm2-llava", dense.model, dense.tokenizer)
+    print(f"smollm2-llava: built in {info['build_seconds']:.0f} s ({info['threads']} threads); stage-2 loss "
+          f"{info['stage2_final_loss']:.3f}; easy-vqa test accuracy {info['test_accuracy']:.3f} "
+          f"({info['test_items']} questions)")
 
 
 MODELS: dict[str, ModelEntry] = {
@@ -176,6 +219,12 @@ MODELS: dict[str, ModelEntry] = {
         "random 2-block Llama (hidden 64) with SmolLM2's tokenizer, seed 0: smoke tests and dry runs only",
         _build_tiny_llama,
     ),
+    "tiny-llava": ModelEntry(
+        "tiny-llava",
+        "tiny LLaVA: tiny-llama + a 2-layer CLIP (32 px), the smollm2-llava recipe cut to a few steps: smoke tests "
+        "and dry runs only",
+        _build_tiny_llava,
+    ),
     "smollm2-moe": ModelEntry(
         "smollm2-moe",
         "SmolLM2-135M upcycled to Mixtral: 8 identical experts (copies of the MLP), top-2, router from a clustering "
@@ -187,6 +236,18 @@ MODELS: dict[str, ModelEntry] = {
         "SmolLM2-135M upcycled DeepSeekMoE-style (Qwen2-MoE): shared expert + 16 identical routed experts, top-4, "
         "router from a clustering of MLP neurons on wiki train; fp output = dense",
         _build_smollm2_upcycled("qwen2_moe", 16, 4, "smollm2-dsmoe"),
+    ),
+    "smollm2-llava": ModelEntry(
+        "smollm2-llava",
+        "LLaVA (LlavaForConditionalGeneration): frozen SmolLM2-135M + a small CLIP vision encoder and projector "
+        "trained here on easy-vqa train (ptqcore.models.llava_recipe)",
+        _build_smollm2_llava,
+    ),
+    "mamba-wiki": ModelEntry(
+        "mamba-wiki",
+        "small Mamba (MambaForCausalLM, 4 blocks, hidden 256) trained here from scratch on wiki train with SmolLM2's "
+        "tokenizer, seed 0 (ptqcore.models.mamba); a weak LM: see its card",
+        _build_mamba_wiki,
     ),
 }
 
@@ -232,13 +293,19 @@ def load_model(name: str, device: str = "cpu", dtype: torch.dtype | None = None)
 
     float32 on CPU (bf16 matmuls are ~400x slower there); float16 on CUDA unless `dtype` says.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     check_model_name(name)
     device = resolve_device(device)
     dtype = dtype or (torch.float32 if device == "cpu" else torch.float16)
     entry = MODELS.get(name)
     source = str(cached_checkpoint(entry)) if entry else name
+    from .llava import LLAVA_TYPES, llava_adapter, load_llava
+
+    if getattr(AutoConfig.from_pretrained(source), "model_type", None) in LLAVA_TYPES:  # vision-language
+        model, processor = load_llava(source, device, dtype)
+        return LoadedModel(name=name, model=model, tokenizer=processor.tokenizer, adapter=llava_adapter(model),
+                           device=device, source=source, extra={"processor": processor})
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
     model.to(device).eval()
     model.config.use_cache = False

@@ -42,7 +42,7 @@ def hidden_size(model: nn.Module, adapter: Adapter) -> int:
 
 
 def head_dim(model: nn.Module) -> int:
-    config = model.config
+    config = model.config.get_text_config()  # a vision-language config: its language model's
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
@@ -135,12 +135,13 @@ def rotate_residual(
     rows_in_residual += [linear for _, linears in _norm_and_readers(model, adapter) for linear in linears]
     for module in rows_in_residual:
         _map_rows(module.weight, Q)
-    for block in adapter.get_blocks(model):
-        for name in adapter.for_block(block).residual_writers:  # W <- Q^T W = (W^T Q)^T, b <- Q^T b
-            linear = block.get_submodule(name)
-            _map_rows(linear.weight, Q, columns=True)
-            if linear.bias is not None:
-                _map_rows(linear.bias, Q)
+    writers = [block.get_submodule(name) for block in adapter.get_blocks(model)
+               for name in adapter.for_block(block).residual_writers]
+    writers += [model.get_submodule(path) for path in adapter.input_writers]  # e.g. a VLM's projector
+    for linear in writers:  # W <- Q^T W = (W^T Q)^T, b <- Q^T b
+        _map_rows(linear.weight, Q, columns=True)
+        if linear.bias is not None:
+            _map_rows(linear.bias, Q)
 
 
 @torch.no_grad()

@@ -7,7 +7,8 @@ multiplied by `s`: `W (h / s * s) = W h`. The op before can be
 - a norm (`norm.weight /= s`, and its bias if it has one): `scale_norm_linears`;
 - a linear whose outputs are the group's input channels (`prev` rows and bias `/= s`):
   `scale_linear_linear`, e.g. v_proj -> o_proj (attention is linear in the values, channel by
-  channel) or up_proj -> down_proj (the gate multiplies up's output element-wise).
+  channel) or up_proj -> down_proj (the gate multiplies up's output element-wise); with
+  `group.prev_rows` only that slice of prev's rows (Mamba: x_proj's dt rows -> dt_proj).
 
 `fold_scale` dispatches on what `group.prev` is (an `nn.Linear` or not), never on model
 classes. Scales are applied in float64 and written back in the parameters' dtype. The group's
@@ -65,14 +66,21 @@ def scale_norm_linears(norm: nn.Module, linears: Sequence[nn.Linear], s: torch.T
 
 
 @torch.no_grad()
-def scale_linear_linear(prev: nn.Linear, linears: Sequence[nn.Linear], s: torch.Tensor) -> None:
-    """`prev`'s output rows (and bias) `/= s`, each linear's input columns `*= s`. In place."""
-    s64 = _check_scales(s, prev.out_features, "scale_linear_linear")
+def scale_linear_linear(prev: nn.Linear, linears: Sequence[nn.Linear], s: torch.Tensor,
+                        rows: tuple[int, int] | None = None) -> None:
+    """`prev`'s output rows (and bias) `/= s`, each linear's input columns `*= s`. In place.
+    `rows` = (start, end): only those output rows of `prev` feed the linears and are scaled."""
+    start, end = rows or (0, prev.out_features)
+    s64 = _check_scales(s, end - start, "scale_linear_linear")
     _check_linears(linears, s64.numel())
     w = prev.weight.data
-    prev.weight.data = (w.double() / s64.to(w.device)[:, None]).to(w.dtype)
+    scaled = w.double()
+    scaled[start:end] /= s64.to(w.device)[:, None]
+    prev.weight.data = scaled.to(w.dtype)
     if prev.bias is not None:
-        prev.bias.data = (prev.bias.data.double() / s64.to(prev.bias.device)).to(prev.bias.dtype)
+        bias = prev.bias.data.double()
+        bias[start:end] /= s64.to(bias.device)
+        prev.bias.data = bias.to(prev.bias.dtype)
     _mul_columns(linears, s64)
 
 
@@ -83,9 +91,11 @@ def fold_skip_reason(block: nn.Module, group: LinearGroup) -> str | None:
     prev = block.get_submodule(group.prev)
     linears = [block.get_submodule(name) for name in group.fold_targets]
     if isinstance(prev, nn.Linear):
-        if any(linear.in_features != prev.out_features for linear in linears):
+        start, end = group.prev_rows or (0, prev.out_features)
+        if any(linear.in_features != end - start for linear in linears) or not 0 <= start < end <= prev.out_features:
             shapes = ", ".join(f"{n} {tuple(m.weight.shape)}" for n, m in zip(group.fold_targets, linears))
-            return (f"{group.prev} {tuple(prev.weight.shape)} has {prev.out_features} outputs but {shapes} "
+            rows = f" (rows {start}:{end})" if group.prev_rows else ""
+            return (f"{group.prev} {tuple(prev.weight.shape)}{rows} has {end - start} outputs but {shapes} "
                     f"read {linears[0].in_features} inputs (e.g. grouped-query attention): no scale folds into it")
         return None
     weight = getattr(prev, "weight", None)
@@ -102,6 +112,6 @@ def fold_scale(block: nn.Module, group: LinearGroup, s: torch.Tensor) -> None:
     prev = block.get_submodule(group.prev)
     linears = [block.get_submodule(name) for name in group.fold_targets]
     if isinstance(prev, nn.Linear):
-        scale_linear_linear(prev, linears, s)
+        scale_linear_linear(prev, linears, s, group.prev_rows)
     else:
         scale_norm_linears(prev, linears, s)
