@@ -603,6 +603,30 @@ def _steps(method: str) -> list[str]:
         return split_pipeline(method)
 
 
+def strategy_label(method: str) -> str:
+    """The strategy of a method, or of each step of a pipeline: `rotation then compensation (quarot+gptq)`."""
+    from .methods import FP, METHODS
+
+    steps = _steps(method)
+    strategies = [METHODS[step].info.strategy if step in METHODS else FP.strategy for step in steps]
+    return strategies[0] if len(steps) == 1 else f"{' then '.join(strategies)} ({'+'.join(steps)})"
+
+
+def compensation_verdict(method: str, does: str, margin: str) -> str:
+    """The paper's recurring claim (compensation is the most robust) judged on the method that
+    `does` best: agree, partly (a pipeline whose quantizer is a compensation step), or disagree."""
+    from .methods import METHODS
+
+    steps = _steps(method)
+    strategies = [METHODS[step].info.strategy if step in METHODS else "none" for step in steps]
+    if strategies[0] == "compensation":
+        return f"We agree: {method} (compensation) {does}: {margin}."
+    if "compensation" in strategies:
+        return (f"Partly: {method} {does}, a {strategies[0]} method whose weights a compensation quantizer rounds "
+                f"({'+'.join(steps)}): {margin}.")
+    return f"We disagree: {method} ({strategies[0]}), not a compensation method, {does}: {margin}."
+
+
 def degradation(rows: pd.DataFrame) -> pd.DataFrame:
     """Per quantized row: perplexity relative to the fp run of the same model and dataset."""
     if not len(rows):
@@ -638,8 +662,6 @@ def robustness(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL) -> pd.DataFra
 
 def bitwidth_findings(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL) -> dict[str, str]:
     """Glue values for the cross-bitwidth chapter; every key is always present."""
-    from .methods import FP, METHODS
-
     out = {"fp_ppl": NA, "n_methods": "0", "methods_seen": NA, "robust_method": NA, "robust_strategy": NA,
            "robust_ratio": NA, "robust_wins": NA, "n_settings": "0", "n_collapsed": "0",
            "collapsed_list": "none", "runner_up": NA, "runner_up_ratio": NA,
@@ -662,10 +684,7 @@ def bitwidth_findings(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL) -> dic
     best = table.iloc[0]
     out["n_settings"] = str(int(best["settings"]))
     out["robust_method"] = best["method"]
-    steps = _steps(best["method"])
-    strategies = [METHODS[step].info.strategy if step in METHODS else FP.strategy for step in steps]
-    strategy = strategies[0]
-    out["robust_strategy"] = strategy if len(steps) == 1 else f"{' then '.join(strategies)} ({'+'.join(steps)})"
+    out["robust_strategy"] = strategy_label(best["method"])
     out["robust_ratio"] = fmt(best["geomean ppl / fp"], 3)
     out["robust_wins"] = f"{int(best['wins'])} of {int(best['settings'])}"
     if len(table) > 1:
@@ -676,14 +695,8 @@ def bitwidth_findings(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL) -> dic
               f"{out['methods_seen']}")
     if len(table) < 2:
         out["verdict"] = f"Only {best['method']} is recorded besides fp, so there is nothing to compare yet."
-    elif strategy == "compensation":
-        out["verdict"] = f"We agree: {best['method']} (compensation) degrades least: {margin}."
-    elif "compensation" in strategies:
-        out["verdict"] = (f"Partly: {best['method']} degrades least, a {strategy} method whose weights a "
-                          f"compensation quantizer rounds ({'+'.join(steps)}): {margin}.")
     else:
-        out["verdict"] = (f"We disagree: {best['method']} ({strategy}) degrades least, not a compensation "
-                          f"method: {margin}.")
+        out["verdict"] = compensation_verdict(best["method"], "degrades least", margin)
     return out
 
 
@@ -750,8 +763,6 @@ def notes_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 def structure_findings(rows: pd.DataFrame) -> dict[str, str]:
     """Glue values for the cross-structure chapter; every key is always present."""
-    from .methods import FP, METHODS
-
     out = {"n_models": "0", "models_seen": NA, "robust_method": NA, "robust_strategy": NA, "robust_worst": NA,
            "runner_up": NA, "runner_up_worst": NA, "partial": "none",
            "verdict": "No quantized results with an fp baseline are recorded for this grid yet, so the claim is "
@@ -768,24 +779,16 @@ def structure_findings(rows: pd.DataFrame) -> dict[str, str]:
         out["verdict"] = "Fewer than two structures have a method recorded on all of them, so the claim is untested."
         return out
     best = full.iloc[0]
-    steps = _steps(best["method"])
-    strategies = [METHODS[step].info.strategy if step in METHODS else FP.strategy for step in steps]
     out["robust_method"], out["robust_worst"] = best["method"], fmt(best["worst"], 3)
-    out["robust_strategy"] = strategies[0] if len(steps) == 1 else f"{' then '.join(strategies)} ({'+'.join(steps)})"
+    out["robust_strategy"] = strategy_label(best["method"])
     if len(full) > 1:
         out["runner_up"], out["runner_up_worst"] = full.iloc[1]["method"], fmt(full.iloc[1]["worst"], 3)
     margin = (f"its worst geometric-mean perplexity over the {len(models)} structures is {out['robust_worst']}x fp, "
               f"against {out['runner_up_worst']}x for {out['runner_up']}")
     if len(full) < 2:
         out["verdict"] = f"Only {best['method']} is recorded on every structure, so there is nothing to compare yet."
-    elif strategies[0] == "compensation":
-        out["verdict"] = f"We agree: {best['method']} (compensation) is the most robust across structures: {margin}."
-    elif "compensation" in strategies:
-        out["verdict"] = (f"Partly: {best['method']} is the most robust across structures, a {strategies[0]} method "
-                          f"whose weights a compensation quantizer rounds: {margin}.")
     else:
-        out["verdict"] = (f"We disagree: {best['method']} ({strategies[0]}), not a compensation method, is the most "
-                          f"robust across structures: {margin}.")
+        out["verdict"] = compensation_verdict(best["method"], "is the most robust across structures", margin)
     return out
 
 
@@ -852,8 +855,6 @@ def plot_vqa(rows: pd.DataFrame, title: str = "VQA accuracy per method and setti
 
 def modality_findings(rows: pd.DataFrame) -> dict[str, str]:
     """Glue values for the cross-modality chapter (rows from `vqa_rows`); every key is present."""
-    from .methods import FP, METHODS
-
     out = {"fp_acc": NA, "n_methods": "0", "robust_method": NA, "robust_strategy": NA, "robust_drop": NA,
            "runner_up": NA, "runner_up_drop": NA, "vision_note": "No run quantized the vision side yet.",
            "verdict": "No quantized VQA results are recorded for this grid yet, so the claim is untested here."}
@@ -869,23 +870,16 @@ def modality_findings(rows: pd.DataFrame) -> dict[str, str]:
         ranked = common.groupby("method")["drop"].mean().sort_values()
         out["n_methods"] = str(len(ranked))
         best = ranked.index[0]
-        steps = _steps(best)
-        strategies = [METHODS[s].info.strategy if s in METHODS else FP.strategy for s in steps]
         out["robust_method"], out["robust_drop"] = best, fmt(ranked.iloc[0], 3)
-        out["robust_strategy"] = strategies[0] if len(steps) == 1 else f"{' then '.join(strategies)} ({'+'.join(steps)})"
+        out["robust_strategy"] = strategy_label(best)
         if len(ranked) > 1:
             out["runner_up"], out["runner_up_drop"] = ranked.index[1], fmt(ranked.iloc[1], 3)
         margin = (f"{out['robust_drop']} accuracy points lost on average over {len(shared)} settings, against "
                   f"{out['runner_up_drop']} for {out['runner_up']}")
         if len(ranked) < 2:
             out["verdict"] = f"Only {best} is recorded besides fp, so there is nothing to compare yet."
-        elif strategies[0] == "compensation":
-            out["verdict"] = f"We agree: {best} (compensation) loses the least VQA accuracy: {margin}."
-        elif "compensation" in strategies:
-            out["verdict"] = (f"Partly: {best} loses the least VQA accuracy, a {strategies[0]} method whose weights a "
-                              f"compensation quantizer rounds: {margin}.")
         else:
-            out["verdict"] = f"We disagree: {best} ({strategies[0]}), not a compensation method, loses the least: {margin}."
+            out["verdict"] = compensation_verdict(best, "loses the least VQA accuracy", margin)
     both = rows[rows.method != "fp"].pivot_table(index=["method", "setting"], columns="quantized", values="drop")
     if {"language model", "language model + vision"} <= set(both.columns):
         pairs = both.dropna(subset=["language model", "language model + vision"])

@@ -331,3 +331,27 @@ def test_structure_table_plot_and_findings():
     assert fig.axes[0].get_yscale() == "log" and fig._suptitle.get_text() == "S"
     assert "No quantized" in report.structure_findings(rows.iloc[0:0])["verdict"]
     assert report.plot_structures(rows.iloc[0:0]).axes[0].get_title()
+
+
+def test_vqa_rows_table_plot_and_findings():
+    from ptqcore import report
+
+    rows = pd.DataFrame({
+        "model": "tiny-llava", "dataset": "easy_vqa", "metric": "vqa_acc", "run_id": [f"r{i}" for i in range(6)],
+        "method": ["fp", "rtn", "gptq", "rtn", "gptq", "gptq"],
+        "setting": ["fp", "w4g128", "w4g128", "w3g128", "w3g128", "w4g128"],
+        "quantize_vision": [None, False, False, False, False, True],
+        "value": [0.80, 0.70, 0.78, 0.50, 0.74, 0.72], "stderr": [0.02] * 6, "git_sha": "0123456789abcdef",
+        "git_dirty": False, "device_name": "Test CPU", "torch_threads": 1, "quant_seconds": 1.0,
+        "peak_rss_bytes": 2**30, "wbits": [16, 4, 4, 3, 3, 4], "group_size": [None, 128, 128, 128, 128, 128]})
+    rows = report.vqa_rows(rows)
+    assert list(rows["quantized"])[:2] == ["nothing (fp)", "language model"]
+    assert rows["drop"].iloc[1] == pytest.approx(10.0)
+    found = report.modality_findings(rows)
+    assert found["robust_method"] == "gptq" and found["verdict"].startswith("We agree")
+    assert found["robust_drop"] == report.fmt((2 + 6) / 2, 3)  # mean drop over w4g128 and w3g128
+    assert "6 more accuracy points" in found["vision_note"]  # 0.78 -> 0.72 with the vision side
+    assert "0.780 +- 0.020" in report.vqa_table(rows).to_html()
+    fig = report.plot_vqa(rows, title="V")
+    assert len(fig.axes) >= 2 and fig.axes[0].get_ylabel().startswith("easy-vqa")
+    assert "No quantized" in report.modality_findings(rows.iloc[0:0])["verdict"]
