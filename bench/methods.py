@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from ptqcore.runner import RunSpec  # noqa: E402
 from ptqcore.quant import parse_setting  # noqa: E402
+from ptqcore.pipeline import canonical_name  # noqa: E402
 from ptqcore.results import ResultsStore, config_hash  # noqa: E402
 
 # The seven methods as their authors run them, QuaRot and QuIP also with plain rounding (each
@@ -132,7 +133,7 @@ def main() -> None:
     device = df["device_name"].iloc[0] if len(df) else "?"
     print(f"\n{args.model}, cpu profile (wiki 32 x 512 calibration; {' and '.join(datasets)} test, 16 x 2048 "
           f"each), {device}; torch.matmul fp32 peak {peak:.0f} GFLOP/s here with {args.threads} threads\n")
-    cols = [("setting", 7), ("method", 16)] + [(f"{d} ppl", 9) for d in datasets] + [
+    cols = [("setting", 7), ("method", 22)] + [(f"{d} ppl", 9) for d in datasets] + [
         ("vs rtn", 7), ("ref", 6), ("quant s", 7), ("threads", 7), ("peak RSS GB", 11), ("eval tok/s", 10), ("% matmul", 8)]
     print("| " + " | ".join(f"{c:>{w}s}" if i > 1 else f"{c:{w}s}" for i, (c, w) in enumerate(cols)) + " |")
     print("|" + "|".join("-" * (w + 2) for _, w in cols) + "|")
@@ -157,7 +158,9 @@ def main() -> None:
         slow = "!" if r["quant_seconds"] > TIME_GOAL_S else " "
         # the matmul peak was measured at --threads; other rows get no fraction
         share = f"{100 * r['flops_per_s'] / 1e9 / peak:7.0f}%" if r["torch_threads"] == args.threads else f"{'':>8s}"
-        print(f"| {name:7s} | {method:16s} | " + " | ".join(ppl) + f" | {vs:>7s} | {refd:>6s} | "
+        alias = canonical_name(method)
+        label = method if alias == method else f"{method} (={alias})"  # one record serves both names
+        print(f"| {name:7s} | {label:22s} | " + " | ".join(ppl) + f" | {vs:>7s} | {refd:>6s} | "
               f"{r['quant_seconds']:6.0f}{slow} | {int(r['torch_threads']):7d} | {r['peak_rss_bytes'] / 1e9:11.2f} | "
               f"{r['tokens_per_s']:10.0f} | {share} |")
     print(f"\nvs rtn: {datasets[0]} perplexity against RTN at the same setting; ref: against the foundation "
