@@ -734,7 +734,8 @@ def plot_structures(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL,
         for method, m in sub.groupby("method"):
             m = m.assign(x=m["model"].map({name: k for k, name in enumerate(models)})).sort_values("x")
             ax.plot(m["x"], m["ratio"], marker="o", color=colors[method], label=method, linewidth=1.4)
-        collapsed = sub[sub["value"] > collapse]
+        # collapsed: above the threshold where the model's own fp is not (a weak model's fp may be)
+        collapsed = sub[(sub["value"] > collapse) & (sub["value"] / sub["ratio"] <= collapse)]
         if len(collapsed):
             ax.scatter(collapsed["model"].map({name: k for k, name in enumerate(models)}), collapsed["ratio"],
                        marker="x", s=90, color="#c0392b", zorder=5, label=f"collapsed (ppl > {collapse:g})")
@@ -817,7 +818,8 @@ def vqa_table(rows: pd.DataFrame):
                               aggfunc="first")
     table = table[[s for s in order_settings(rows["setting"]) if s in table.columns]]
     table.columns.name = "setting"
-    return table.style.set_caption("easy-vqa exact-match accuracy +- standard error (higher is better).")
+    return table.style.format(na_rep="").set_caption(
+        "easy-vqa exact-match accuracy +- standard error (higher is better).")
 
 
 def plot_vqa(rows: pd.DataFrame, title: str = "VQA accuracy per method and setting"):

@@ -329,6 +329,11 @@ def test_structure_table_plot_and_findings():
     assert list(report.notes_table(rows)["method"]) == ["rtn"] * 3
     fig = report.plot_structures(rows, title="S")
     assert fig.axes[0].get_yscale() == "log" and fig._suptitle.get_text() == "S"
+    weak = rows.copy()
+    weak.loc[weak.model == "tiny-moe", "value"] *= 200  # its fp (3600) is above the collapse threshold already
+    panels = {ax.get_title(): ax for ax in report.plot_structures(report._annotate(weak)).axes}
+    assert len(panels["w4g128"].collections) == 0  # the weak model's runs are not marked collapsed
+    assert len(panels["w2g64"].collections) == 1  # tiny-llama's w2g64 runs are
     assert "No quantized" in report.structure_findings(rows.iloc[0:0])["verdict"]
     assert report.plot_structures(rows.iloc[0:0]).axes[0].get_title()
 
