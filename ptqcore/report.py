@@ -779,13 +779,26 @@ def structure_findings(rows: pd.DataFrame) -> dict[str, str]:
     if len(models) < 2 or not len(full):
         out["verdict"] = "Fewer than two structures have a method recorded on all of them, so the claim is untested."
         return out
+    # Rank the methods recorded on every structure over the same cells: per model, the settings
+    # (and datasets) that all of them have, so no method is judged on easier settings than another.
+    candidates = set(full["method"])
+    quant = rows[rows.method.isin(candidates)]
+    present = quant.groupby(["model", "dataset", "setting"])["method"].nunique()
+    shared = present[present == len(candidates)].index
+    keep = quant.set_index(["model", "dataset", "setting"]).index.isin(shared)
+    full = structure_table(pd.concat([rows[rows.method == "fp"], quant[keep]]))
+    full = full[full["structures"] == len(models)] if len(full) else full
+    if not len(full):
+        out["verdict"] = ("The methods recorded on every structure share no setting on some structure yet, so the "
+                          "claim is untested.")
+        return out
     best = full.iloc[0]
     out["robust_method"], out["robust_worst"] = best["method"], fmt(best["worst"], 3)
     out["robust_strategy"] = strategy_label(best["method"])
     if len(full) > 1:
         out["runner_up"], out["runner_up_worst"] = full.iloc[1]["method"], fmt(full.iloc[1]["worst"], 3)
-    margin = (f"its worst geometric-mean perplexity over the {len(models)} structures is {out['robust_worst']}x fp, "
-              f"against {out['runner_up_worst']}x for {out['runner_up']}")
+    margin = (f"its worst geometric-mean perplexity over the {len(models)} structures (settings every compared "
+              f"method has) is {out['robust_worst']}x fp, against {out['runner_up_worst']}x for {out['runner_up']}")
     if len(full) < 2:
         out["verdict"] = f"Only {best['method']} is recorded on every structure, so there is nothing to compare yet."
     else:

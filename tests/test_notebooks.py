@@ -327,6 +327,13 @@ def test_structure_table_plot_and_findings():
     assert found["robust_method"] == "gptq" and found["verdict"].startswith("Only gptq")
     assert found["partial"] == "rtn (1 of 2)"
     assert list(report.notes_table(rows)["method"]) == ["rtn"] * 3
+    # compared on shared settings only: gptq lacks w2g64 everywhere, so rtn's w2g64 is left out too
+    # (else gptq would win by skipping the hardest setting)
+    uneven = rows[~((rows.method == "gptq") & (rows.setting == "w2g64"))]
+    found = report.structure_findings(uneven)
+    assert found["robust_method"] == "rtn" and "settings every compared method has" in found["verdict"]
+    assert found["robust_worst"] == report.fmt(1.6 * 2 ** 0.5, 3)  # rtn over w4g128 and w3g128 only
+    assert found["runner_up_worst"] == report.fmt(3.6 * 2 ** 0.5, 3)  # gptq on the MoE
     fig = report.plot_structures(rows, title="S")
     assert fig.axes[0].get_yscale() == "log" and fig._suptitle.get_text() == "S"
     weak = rows.copy()
