@@ -79,3 +79,19 @@ def logits(model, tokens):
 
 def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
+
+
+def quip_transform_only():
+    """A `quantize_blockwise` step that applies QuIP's incoherence transform and undoes it with no
+    rounding in between: an exact identity if the transform is (equivalence tests)."""
+    from ptqcore.methods import get_method
+
+    quip = get_method("quip")
+
+    def step(ctx):
+        quip.process_block(ctx)
+        for name, linear in ctx.adapter.linears(ctx.block).items():
+            W, _, undo = ctx.to_basis(linear.weight.data.float(), None, name)
+            linear.weight.data = ctx.from_basis(W, undo).to(linear.weight.dtype)
+
+    return step

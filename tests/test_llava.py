@@ -15,7 +15,7 @@ from ptqcore.models import llava as vlm
 from ptqcore.pipeline import build_pipeline
 from ptqcore.quant import QuantSpec
 
-from conftest import rel_err, tiny_llama_config
+from conftest import rel_err, tiny_llama_config, quip_transform_only
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -177,13 +177,7 @@ def test_quip_without_quantization_keeps_the_logits():
     model = make_llava()
     data = batches(model)
     ref = outputs(model, data)
-    quip = get_method("quip")
-
-    def identity_quantizer(ctx):
-        quip.process_block(ctx)
-        for name, linear in ctx.adapter.linears(ctx.block).items():
-            W, _, undo = ctx.to_basis(linear.weight.data.float(), None, name)
-            linear.weight.data = ctx.from_basis(W, undo).to(linear.weight.dtype)
+    identity_quantizer = quip_transform_only()
 
     for adapter in vlm.parts(model, quantize_vision=True):
         quantize_blockwise(model, adapter, identity_quantizer, data, progress=False)

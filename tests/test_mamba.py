@@ -16,7 +16,7 @@ from ptqcore.models.mamba import DeltaProjection, scan_for_training
 from ptqcore.pipeline import build_pipeline, quantize_model
 from ptqcore.quant import ActSpec, QuantSpec
 
-from conftest import logits, rel_err, token_ids
+from conftest import logits, rel_err, token_ids, quip_transform_only
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -183,13 +183,7 @@ def test_quarot_rotation_is_exact_and_states_what_it_skips(hidden, rank):
 def test_quip_without_quantization_keeps_the_logits():
     model = make_mamba()
     ref = logits(model, ids())
-    quip = get_method("quip")
-
-    def identity_quantizer(ctx):
-        quip.process_block(ctx)
-        for name, linear in ctx.adapter.linears(ctx.block).items():
-            W, _, undo = ctx.to_basis(linear.weight.data.float(), None, name)
-            linear.weight.data = ctx.from_basis(W, undo).to(linear.weight.dtype)
+    identity_quantizer = quip_transform_only()
 
     quantize_blockwise(model, adapter_for(model), identity_quantizer, ids(), progress=False)
     assert rel_err(logits(model, ids()), ref) < 1e-4

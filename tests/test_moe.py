@@ -16,7 +16,7 @@ from ptqcore.models.moe import UnfusedExperts, fuse_experts
 from ptqcore.pipeline import build_pipeline, quantize_model
 from ptqcore.quant import QuantSpec, quantize_weight
 
-from conftest import logits, make_tiny_llama, rel_err, token_ids
+from conftest import logits, make_tiny_llama, rel_err, token_ids, quip_transform_only
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -254,13 +254,7 @@ def test_equivalence_transforms_keep_the_logits(kind, method, knobs):
 def test_quip_without_quantization_keeps_the_logits(kind):
     model = make_moe(kind)
     ref = logits(model, ids())
-    quip = get_method("quip")
-
-    def identity_quantizer(ctx):
-        quip.process_block(ctx)
-        for name, linear in ctx.adapter.linears(ctx.block).items():
-            W, _, undo = ctx.to_basis(linear.weight.data.float(), None, name)
-            linear.weight.data = ctx.from_basis(W, undo).to(linear.weight.dtype)
+    identity_quantizer = quip_transform_only()
 
     adapter = adapter_for(model)
     quantize_blockwise(model, adapter, identity_quantizer, ids(), progress=False)
