@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from ptqcore.runner import RunSpec  # noqa: E402
 from ptqcore.quant import parse_setting  # noqa: E402
 from ptqcore.pipeline import canonical_name  # noqa: E402
-from ptqcore.results import ResultsStore, config_hash  # noqa: E402
+from ptqcore.results import ResultsStore  # noqa: E402
 
 # The seven methods as their authors run them, QuaRot and QuIP also with plain rounding (each
 # strategy alone, for the combinations study), and the five pipelines of the issue.
@@ -110,8 +110,10 @@ def main() -> None:
     for spec in specs:
         spec.validate()  # every name checked before the first (long) run
     if args.dry_run:
+        done = store.hashes()
         for (m, s), spec in zip(runs, specs):
-            print(f"{'recorded' if store.has(config_hash(spec.config())) else 'missing ':8s}  {s or 'fp':7s} {m}")
+            recorded = store.first_recorded(spec.result_keys(), done) is not None
+            print(f"{'recorded' if recorded else 'missing ':8s}  {s or 'fp':7s} {m}")
         return
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -127,8 +129,11 @@ def main() -> None:
     peak = matmul_gflops(args.threads)
     df = store.table(latest=True)
     keys: dict[str, list] = {}  # aliases (quip, quip+gptq) share one record
+    done = store.hashes()
     for run, spec in zip(runs, specs):
-        keys.setdefault(config_hash(spec.config()), []).append(run)
+        key = store.first_recorded(spec.result_keys(), done)
+        if key is not None:
+            keys.setdefault(key, []).append(run)
     df = df[df["config_hash"].isin(keys)]
     device = df["device_name"].iloc[0] if len(df) else "?"
     print(f"\n{args.model}, cpu profile (wiki 32 x 512 calibration; {' and '.join(datasets)} test, 16 x 2048 "

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 
 from ptqcore.models import check_model_name  # noqa: E402
 from ptqcore.models.zoo import MODELS, cache_dir  # noqa: E402
-from ptqcore.results import ResultsStore, config_hash  # noqa: E402
+from ptqcore.results import ResultsStore  # noqa: E402
 from methods import run_spec  # noqa: E402  (bench/methods.py: one RunSpec per (model, method, setting))
 
 MODELS_DEFAULT = ("smollm2-135m", "smollm2-moe", "smollm2-dsmoe", "mamba-wiki")
@@ -83,16 +83,18 @@ def main() -> None:
     store = ResultsStore(args.out)
     if unknown:
         print(f"skipped, not a model ptqcore knows: {', '.join(unknown)}")
+    done = store.hashes()
+    served = {run: store.first_recorded(spec.result_keys(), done) for run, spec in zip(runs, specs)}
     if args.dry_run:
         for (model, method, s), spec in zip(runs, specs):
-            print(f"{'recorded' if store.has(config_hash(spec.config())) else 'missing ':8s}  {model:14s} "
+            print(f"{'recorded' if served[(model, method, s)] else 'missing ':8s}  {model:14s} "
                   f"{s or 'fp':7s} {method}")
         return
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if not args.table_only:
         for (model, method, setting), spec in zip(runs, specs):
-            if store.has(config_hash(spec.config())) and not args.force:
+            if served[(model, method, setting)] and not args.force:
                 continue
             cmd = [sys.executable, "-m", "ptqcore.cli", "run", "--model", model, "--method", method,
                    "--datasets", args.datasets, "--out", args.out, "--threads", str(args.threads), "--quiet"]
@@ -102,7 +104,8 @@ def main() -> None:
             subprocess.run(cmd, check=True, env=env)
 
     table = store.table(latest=True)
-    keys = {config_hash(spec.config()): run for run, spec in zip(runs, specs)}
+    done = store.hashes()
+    keys = {store.first_recorded(spec.result_keys(), done): run for run, spec in zip(runs, specs)}  # wiki+sotu runs serve
     table = table[table["config_hash"].isin(keys) & (table["dataset"] == datasets[0])] if len(table) else table
     cell = {keys[r["config_hash"]]: r for _, r in table.iterrows()}
     fp = {model: cell.get((model, "fp", None)) for model in models}

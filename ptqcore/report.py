@@ -202,19 +202,13 @@ def combination_plan(combinations) -> tuple[dict[str, list[str]], str]:
     return plan, note
 
 
-def recorded_hashes(results) -> set[str]:
+def missing(specs, results) -> list:
+    """The specs no record under `results` answers yet (`RunSpec.result_keys`)."""
     from .results import ResultsStore
 
-    table = ResultsStore(results_path(results)).table()
-    return set(table["config_hash"]) if len(table) else set()
-
-
-def missing(specs, results) -> list:
-    """The specs whose config is not recorded under `results` yet."""
-    from .results import config_hash
-
-    done = recorded_hashes(results)
-    return [s for s in specs if config_hash(s.config()) not in done]
+    store = ResultsStore(results_path(results))
+    done = store.hashes()
+    return [s for s in specs if store.first_recorded(s.result_keys(), done) is None]
 
 
 def describe_specs(specs) -> str:
@@ -257,21 +251,33 @@ def regime_note(rows: pd.DataFrame, wa_settings) -> str:
 def rows_for(specs, results, metric: str = "ppl") -> pd.DataFrame:
     """The newest recorded rows of exactly these configs (`metric` only), with `collapsed`
     and `regime` (weight-only / weight-activation) added. Rows are labelled with the spec's
-    method name: a record made as `quip` serves a spec named `quip+gptq` (the same steps)."""
-    from .results import ResultsStore, config_hash
+    method name: a record made as `quip` serves a spec named `quip+gptq` (the same steps), and a
+    run that evaluated more datasets serves a spec asking for fewer (its rows for those only)."""
+    from .results import ResultsStore
 
-    names: dict[str, list[str]] = {}
-    for s in specs:
-        names.setdefault(config_hash(s.config()), [])
-        if s.method not in names[config_hash(s.config())]:
-            names[config_hash(s.config())].append(s.method)
-    table = ResultsStore(results_path(results)).table(latest=True)
+    store = ResultsStore(results_path(results))
+    table = store.table(latest=True)
     if not len(table):
         return _empty_rows()
-    rows = table[table["config_hash"].isin(names) & (table["metric"] == metric)]
+    done = set(table["config_hash"])
+    names: dict[tuple[str, str | None], list[str]] = {}  # (record, dataset or None: all) -> spec names
+    for s in specs:
+        keys = s.result_keys()
+        key = store.first_recorded(keys, done)
+        if key is None:
+            continue
+        datasets = [None] if key == keys[0] else s.resolved()[0].eval_datasets
+        for dataset in datasets:
+            labels = names.setdefault((key, dataset), [])
+            if s.method not in labels:
+                labels.append(s.method)
+    table = table[table["metric"] == metric]
+    label = [names.get((h, None), []) + names.get((h, d), []) for h, d in zip(table["config_hash"], table["dataset"])]
+    rows = table.assign(method=label)
+    rows = rows[rows["method"].map(len) > 0]
     if rows.empty:
         return _empty_rows()
-    rows = rows.assign(method=rows["config_hash"].map(names)).explode("method")
+    rows = rows.explode("method")
     return _annotate(rows)
 
 
@@ -1231,7 +1237,7 @@ __all__ = [
     "combination_rows", "cost_table", "coverage_note", "default_pipeline", "degradation", "explorer_frame", "explorer_html", "fmt",
     "linear_inventory", "method_colors", "method_table", "missing", "model_bytes", "order_settings",
     "pareto_front", "plot_combinations", "plot_ppl_by_setting", "plot_size_vs_ppl", "plot_taxonomy",
-    "ppl_table", "provenance_note", "recorded_hashes", "repo_root", "results_path", "robustness", "rows_for",
+    "ppl_table", "provenance_note", "repo_root", "results_path", "robustness", "rows_for",
     "regime_note", "say", "select_methods", "size_table", "taxonomy_findings", "PAPER_STRATEGIES", "setting_key", "setup", "size_findings", "standalone_name", "strategy_table",
     "with_size",
 ]

@@ -360,7 +360,8 @@ def _validate_rows(rows: list[dict]) -> list[dict]:
 class ResultsStore:
     """All results rows under ``root`` (default ``results``), one JSONL file per run.
 
-    The caller owns the cache policy: ``if store.has(h) and not force: skip``; a forced run is
+    The caller owns the cache policy: ``if store.has(h) and not force: skip`` (or
+    ``first_recorded(spec.result_keys())``, which also finds a run that evaluated more datasets); a forced run is
     written as an additional file (earlier rows are never lost or rewritten) and
     ``table(latest=True)`` keeps only the newest run per config_hash.
     """
@@ -423,7 +424,17 @@ class ResultsStore:
 
     def has(self, config_hash: str) -> bool:
         """Whether any recorded row carries ``config_hash``."""
-        return any(r.get("config_hash") == config_hash for _, rows in self._runs() for r in rows)
+        return config_hash in self.hashes()
+
+    def hashes(self) -> set[str]:
+        """Every recorded config_hash."""
+        return {r.get("config_hash") for _, rows in self._runs() for r in rows}
+
+    def first_recorded(self, keys: Iterable[str], recorded: set[str] | None = None) -> str | None:
+        """The first of ``keys`` that is recorded (``recorded``: the store's hashes, when the
+        caller already has them), else None. With `RunSpec.result_keys()`: the record serving a spec."""
+        recorded = self.hashes() if recorded is None else recorded
+        return next((k for k in keys if k in recorded), None)
 
     # ---- writing
 

@@ -12,6 +12,7 @@ size does not fit) writes nothing.
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field, replace
 
@@ -160,6 +161,25 @@ class RunSpec:
                                   "batch_size": self.task_batch_size, "seed": p.seed}
         return config
 
+    def result_keys(self) -> list[str]:
+        """The results-store keys that answer this spec, best first: its own config's hash, then
+        the same config evaluated in one run on more text datasets, in any order. A perplexity
+        does not depend on what else its run evaluated, so a wiki+sotu record serves a wiki-only
+        spec (the structures study reuses the methods benchmark's dense runs this way)."""
+        config = self.config()
+        keys = [config_hash(config)]
+        wanted = config["eval"]["datasets"]
+        if set(config["eval"]) != {"datasets", "seqlen", "limit"}:  # VQA: its accuracy has its own protocol
+            return keys
+        extras = [name for name in data.DATASETS if name not in wanted]
+        for n in range(len(extras) + 1):
+            for more in itertools.combinations(extras, n):
+                for order in itertools.permutations([*wanted, *more]):
+                    key = config_hash({**config, "eval": {**config["eval"], "datasets": list(order)}})
+                    if key not in keys:
+                        keys.append(key)
+        return keys
+
     def calib(self) -> dict:
         p, _ = self.resolved()
         return {"dataset": p.calib_dataset, "nsamples": p.nsamples, "seqlen": p.calib_seqlen, "seed": p.seed,
@@ -203,8 +223,11 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
         if basis:
             raise ValueError(f"--export: {basis[0]} quantizes each layer in a changed basis, which the GPTQ "
                              "format cannot store")
-    if store.has(key) and not force:
-        log(f"skip: {spec.model} {spec.method} {config['setting']} already recorded ({key}); --force reruns it")
+    served = None if force else store.first_recorded(spec.result_keys())
+    if served is not None:
+        wider = "" if served == key else ", by a run that evaluated more datasets"
+        log(f"skip: {spec.model} {spec.method} {config['setting']} already recorded ({served}{wider}); "
+            "--force reruns it")
         return []
     p, _ = spec.resolved()
     if spec.tasks:

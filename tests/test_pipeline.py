@@ -128,3 +128,34 @@ def test_rows_are_labelled_with_the_spec_name(tmp_path):
     assert report.missing([alias], tmp_path) == []
     assert list(report.rows_for([alias], tmp_path)["method"]) == ["quip+gptq"]
     assert sorted(report.rows_for([quip, alias], tmp_path)["method"]) == ["quip", "quip+gptq"]
+
+
+def test_a_run_on_more_datasets_serves_a_spec_on_fewer(tmp_path):
+    """Perplexity does not depend on what else a run evaluated: a wiki+sotu record answers a
+    wiki-only spec (its wiki rows only), never the reverse, and an exact record comes first."""
+    from ptqcore import report
+    from ptqcore.results import ResultsStore, config_hash, make_rows
+    from ptqcore.runner import RunSpec, run
+
+    def spec(*datasets):
+        return RunSpec("tiny-llama", "gptq", QuantSpec(3, 128), profile="cpu", datasets=datasets)
+
+    wide, narrow, reordered, other = spec("wiki", "sotu"), spec("wiki"), spec("sotu", "wiki"), spec("wiki", "c4")
+    assert narrow.result_keys()[0] == config_hash(narrow.config())
+    assert config_hash(wide.config()) in narrow.result_keys()
+    assert config_hash(narrow.config()) not in wide.result_keys()
+    store = ResultsStore(tmp_path)
+    base = {"config_hash": config_hash(wide.config()), "model": "tiny-llama", "method": "gptq", "setting": "w3g128",
+            "wbits": 3, "abits": 16}
+    store.write_run(make_rows(base, [{"dataset": "wiki", "metric": "ppl", "value": 12.0},
+                                     {"dataset": "sotu", "metric": "ppl", "value": 30.0}]))
+    assert report.missing([narrow, reordered, other], tmp_path) == [other]
+    rows = report.rows_for([narrow], tmp_path)
+    assert list(zip(rows["dataset"], rows["value"])) == [("wiki", 12.0)]
+    assert sorted(report.rows_for([wide, narrow], tmp_path)["dataset"]) == ["sotu", "wiki", "wiki"]
+    assert run(narrow, out=str(tmp_path), log=lambda *_: None) == []  # skipped: nothing loaded, nothing written
+    assert len(store.run_files()) == 1
+    store.write_run(make_rows({**base, "config_hash": config_hash(narrow.config())},
+                              [{"dataset": "wiki", "metric": "ppl", "value": 11.0}]))
+    assert list(report.rows_for([narrow], tmp_path)["value"]) == [11.0]  # its own record first
+    assert report.missing([spec("sotu")], tmp_path) == []
