@@ -32,9 +32,10 @@ bench: $(STAMP)
 
 # `make book`: papermill executes every notebook of _toc.yml (running only the configs missing
 # from results/), then jupyter-book 1 builds _build/html with -W. QUICK=1: the reduced grid of
-# book/build.py from scratch into _build/quick-results. RUN_MISSING=0: render what is recorded.
+# book/build.py from scratch into _build/quick-results. FRESH=1: the default grids from scratch
+# into _build/fresh-results (hours). RUN_MISSING=0: render what is recorded.
 book: $(STAMP)
-	$(PY) book/build.py $(if $(filter 1 yes true,$(QUICK)),--quick) $(if $(filter 0 no false,$(RUN_MISSING)),--no-run-missing)
+	$(PY) book/build.py $(if $(filter 1 yes true,$(QUICK)),--quick) $(if $(filter 1 yes true,$(FRESH)),--fresh) $(if $(filter 0 no false,$(RUN_MISSING)),--no-run-missing)
 
 clean-venv:
 	rm -rf $(VENV)

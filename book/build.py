@@ -3,6 +3,7 @@
     python book/build.py                 # `make book`: default grids, results/, missing configs are run
     python book/build.py --quick         # `make book QUICK=1`: the reduced grid into _build/quick-results
     python book/build.py --no-run-missing   # only what is recorded (`make book RUN_MISSING=0`)
+    python book/build.py --fresh         # `make book FRESH=1`: the default grids from scratch into _build/fresh-results
     python book/build.py -p models='["tiny-llama"]' --results /tmp/r   # any notebook parameter, as JSON
     python book/build.py --strip         # store the notebooks clean (no outputs, no metadata) before committing
 
@@ -46,6 +47,9 @@ QUICK = {
 # (smollm2-llava, ~15-30 minutes on 2 cores) would not fit; the chapter renders and says so.
 QUICK_OVERRIDES = {"notebooks/30_cross_modality.ipynb": {"models": []}}
 QUICK_RESULTS = "_build/quick-results"
+# `make book FRESH=1`: the whole default study recomputed into an empty results folder (hours on
+# 2 cores: the results explorer's "What the records cost" table sums the recorded run times).
+FRESH_RESULTS = "_build/fresh-results"
 
 
 def toc_files(root: Path = ROOT) -> list[str]:
@@ -205,7 +209,8 @@ def build(build_dir: Path, parameters: dict, root: Path = ROOT, shared_kernel: b
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"the reduced grid into {QUICK_RESULTS}")
-    parser.add_argument("--results", help="results folder (default: results/, or the quick folder with --quick)")
+    parser.add_argument("--fresh", action="store_true", help=f"the default grids from scratch into {FRESH_RESULTS}")
+    parser.add_argument("--results", help="results folder (default: results/, or the quick or fresh folder)")
     parser.add_argument("--no-run-missing", action="store_true", help="show only recorded configs; run nothing")
     parser.add_argument("--build-dir", default=str(ROOT / "_build"), help="build folder, named _build (default: ./_build)")
     parser.add_argument("-p", "--param", action="append", default=[], metavar="KEY=JSON",
@@ -219,8 +224,10 @@ def main(argv=None) -> None:
             print(f"stripped {path.relative_to(ROOT)}")
         return
 
+    if args.quick and args.fresh:
+        parser.error("--quick and --fresh are two different grids: choose one")
     parameters = dict(QUICK) if args.quick else {}
-    results = args.results or (QUICK_RESULTS if args.quick else "results")
+    results = args.results or (QUICK_RESULTS if args.quick else FRESH_RESULTS if args.fresh else "results")
     parameters["results"] = str((ROOT / results).resolve()) if not Path(results).is_absolute() else results
     parameters["run_missing"] = not args.no_run_missing
     for item in args.param:

@@ -1211,6 +1211,28 @@ def explorer_frame(results) -> pd.DataFrame:
     return table[first + [c for c in table.columns if c not in first]].sort_values("timestamp", ascending=False)
 
 
+def compute_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """What the recorded runs cost, per model: runs, quantization and evaluation hours as
+    recorded (each run's `quant_seconds` once, the `eval_seconds` of its rows), the threads they
+    ran with, and a total row: the time `make book FRESH=1` needs to compute them again on the
+    same machine (model loading and builds not included)."""
+    if not len(frame):
+        return pd.DataFrame(columns=["model", "runs", "quantization h", "evaluation h", "total h", "threads"])
+    runs = frame.groupby("run_id").agg(model=("model", "first"), quant=("quant_seconds", "first"),
+                                       evaluation=("eval_seconds", "sum"), threads=("torch_threads", "first"))
+    runs = runs.fillna({"quant": 0.0, "evaluation": 0.0})
+
+    def summary(group: pd.DataFrame, name: str) -> dict:
+        threads = sorted({int(t) for t in group["threads"].dropna()})
+        return {"model": name, "runs": len(group), "quantization h": group["quant"].sum() / 3600,
+                "evaluation h": group["evaluation"].sum() / 3600,
+                "total h": (group["quant"].sum() + group["evaluation"].sum()) / 3600,
+                "threads": ", ".join(map(str, threads))}
+
+    table = [summary(group, model) for model, group in runs.groupby("model")]
+    return pd.DataFrame(table + [summary(runs, "all")])
+
+
 def explorer_html(frame: pd.DataFrame, table_id: str = "results-table"):
     """The frame as a plain HTML table with a text filter and click-to-sort headers (no
     dependencies). Returns an IPython HTML object."""
@@ -1237,7 +1259,7 @@ __all__ = [
     "combination_rows", "cost_table", "coverage_note", "default_pipeline", "degradation", "explorer_frame", "explorer_html", "fmt",
     "linear_inventory", "method_colors", "method_table", "missing", "model_bytes", "order_settings",
     "pareto_front", "plot_combinations", "plot_ppl_by_setting", "plot_size_vs_ppl", "plot_taxonomy",
-    "ppl_table", "provenance_note", "repo_root", "results_path", "robustness", "rows_for",
+    "ppl_table", "provenance_note", "repo_root", "compute_table", "results_path", "robustness", "rows_for",
     "regime_note", "say", "select_methods", "size_table", "taxonomy_findings", "PAPER_STRATEGIES", "setting_key", "setup", "size_findings", "standalone_name", "strategy_table",
     "with_size",
 ]

@@ -308,6 +308,26 @@ def test_tables_and_explorer(tmp_path):
     assert report.results_path("results") == ROOT / "results"
 
 
+def test_compute_table_counts_each_run_once():
+    """Quantization seconds once per run (every row repeats them), evaluation seconds per row."""
+    from ptqcore import report
+
+    frame = pd.DataFrame({
+        "run_id": ["a", "a", "b", "c"], "model": ["m", "m", "m", "n"], "quant_seconds": [3600.0, 3600.0, 0.0, None],
+        "eval_seconds": [1800.0, 1800.0, 3600.0, 7200.0], "torch_threads": [1, 1, 2, 1]})
+    table = report.compute_table(frame).set_index("model")
+    assert table.loc["m", "runs"] == 2 and table.loc["m", "quantization h"] == 1.0
+    assert table.loc["m", "evaluation h"] == 2.0 and table.loc["m", "threads"] == "1, 2"
+    assert table.loc["all", "total h"] == 5.0 and table.loc["all", "runs"] == 3
+    assert report.compute_table(frame.iloc[:0]).empty
+
+
+def test_build_refuses_quick_and_fresh_together(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load_build().main(["--quick", "--fresh"])
+    assert exit_.value.code == 2 and "choose one" in capsys.readouterr().err
+
+
 def test_structure_table_plot_and_findings():
     from ptqcore import report
 
