@@ -336,7 +336,7 @@ def provenance_note(rows: pd.DataFrame) -> str:
     """Which machine(s) and commit(s) produced these rows, for captions and footnotes."""
     if rows is None or not len(rows):
         return "no recorded runs"
-    machines = sorted({f"{d} ({t} threads)" if str(d) != "nan" else "unknown machine"
+    machines = sorted({f"{d} ({t} thread{'' if str(t) == '1' else 's'})" if str(d) != "nan" else "unknown machine"
                        for d, t in zip(rows["device_name"], rows["torch_threads"])})
     shas = sorted({str(s)[:7] for s in rows["git_sha"] if isinstance(s, str) and s})
     commit = ", ".join(shas[:3]) + (f" and {len(shas) - 3} more" if len(shas) > 3 else "") if shas else "unknown commit"
@@ -371,7 +371,7 @@ def _panels(n: int, width: float = 6.6, height: float = 4.4):
 
 def _plain_log_ticks(axis) -> None:
     """Tick labels like 5 or 120 instead of 5x10^0 on a log axis."""
-    from matplotlib.ticker import FuncFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
 
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     axis.set_major_formatter(plain)
@@ -725,7 +725,10 @@ def structure_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 def plot_structures(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL,
                     title: str = "Degradation across structures"):
-    """One panel per (dataset, setting): perplexity / fp (log) per model, a line per method."""
+    """One panel per (dataset, setting): perplexity / fp (log) per model, one marker per method
+    side by side in each model's slot (the models are categories: no lines join them)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullFormatter
+
     quant = degradation(rows[rows.regime != "weight-activation"] if len(rows) else rows)
     if not len(quant) or quant["ratio"].isna().all():
         return _placeholder(title, "No quantized results with an fp baseline are recorded for this grid yet.")
@@ -734,20 +737,33 @@ def plot_structures(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL,
     panels = [(d, s) for d in dict.fromkeys(quant["dataset"]) for s in order_settings(quant["setting"])
               if len(quant[(quant.dataset == d) & (quant.setting == s)])]
     colors = method_colors(quant["method"])
+    methods = sorted(set(quant["method"]))
+    width = 0.7 / max(1, len(methods))
+    offset = {m: (k - (len(methods) - 1) / 2) * width for k, m in enumerate(methods)}
+    slot = {name: k for k, name in enumerate(models)}
     fig, axes = _panels(len(panels))
     for ax, (dataset, setting) in zip(axes, panels):
         sub = quant[(quant.dataset == dataset) & (quant.setting == setting)]
+        sub = sub.assign(x=sub["model"].map(slot) + sub["method"].map(offset))
         for method, m in sub.groupby("method"):
-            m = m.assign(x=m["model"].map({name: k for k, name in enumerate(models)})).sort_values("x")
-            ax.plot(m["x"], m["ratio"], marker="o", color=colors[method], label=method, linewidth=1.4)
+            ax.scatter(m["x"], m["ratio"], marker="o", s=28, color=colors[method], label=method, zorder=3)
         # collapsed: above the threshold where the model's own fp is not (a weak model's fp may be)
         collapsed = sub[(sub["value"] > collapse) & (sub["value"] / sub["ratio"] <= collapse)]
         if len(collapsed):
-            ax.scatter(collapsed["model"].map({name: k for k, name in enumerate(models)}), collapsed["ratio"],
-                       marker="x", s=90, color="#c0392b", zorder=5, label=f"collapsed (ppl > {collapse:g})")
+            ax.scatter(collapsed["x"], collapsed["ratio"], marker="x", s=90, color="#c0392b", zorder=5,
+                       label=f"collapsed (ppl > {collapse:g})")
         ax.axhline(1, color="black", linestyle="--", linewidth=1, label="fp")
         ax.set_yscale("log")
+        low, high = min(sub["ratio"].min(), 1.0), max(sub["ratio"].max(), 1.0)
+        if high / low < 20:  # within about a decade the log axis has no labelled ticks: place plain ones
+            ax.yaxis.set_major_locator(FixedLocator(MaxNLocator(5).tick_values(low, high)))
+            ax.yaxis.set_minor_formatter(NullFormatter())
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlim(-0.5, len(models) - 0.5)
+        for k in range(1, len(models)):
+            ax.axvline(k - 0.5, color="#dddddd", linewidth=0.8, zorder=0)
         ax.set_xticks(range(len(models)), models, rotation=15, fontsize=8)
+        ax.grid(False, axis="x")
         ax.set_xlabel("model (structure)", fontsize=9)
         ax.set_ylabel(f"perplexity / fp, {_dataset_label(rows, dataset)} (log)", fontsize=9)
         ax.set_title(f"{setting}", fontsize=10)

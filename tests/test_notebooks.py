@@ -359,8 +359,17 @@ def test_structure_table_plot_and_findings():
     weak = rows.copy()
     weak.loc[weak.model == "tiny-moe", "value"] *= 200  # its fp (3600) is above the collapse threshold already
     panels = {ax.get_title(): ax for ax in report.plot_structures(report._annotate(weak)).axes}
-    assert len(panels["w4g128"].collections) == 0  # the weak model's runs are not marked collapsed
-    assert len(panels["w2g64"].collections) == 1  # tiny-llama's w2g64 runs are
+
+    def marked(ax):
+        return [c for c in ax.collections if c.get_label().startswith("collapsed")]
+
+    assert len(marked(panels["w4g128"])) == 0  # the weak model's runs are not marked collapsed
+    assert len(marked(panels["w2g64"])) == 1  # tiny-llama's w2g64 runs are
+    # models are categories: one marker per method in each model's slot, side by side, no line joins them
+    for ax in (panels[s] for s in ("w4g128", "w3g128", "w2g64")):
+        assert all(len(set(line.get_xdata())) == 1 or len(set(line.get_ydata())) == 1 for line in ax.get_lines())
+        points = [c for c in ax.collections if not c.get_label().startswith("collapsed")]
+        assert len(points) == 2 and len({tuple(c.get_offsets()[0]) for c in points}) == 2
     assert "No quantized" in report.structure_findings(rows.iloc[0:0])["verdict"]
     assert report.plot_structures(rows.iloc[0:0]).axes[0].get_title()
 
