@@ -301,13 +301,15 @@ def _annotate(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL) -> pd.DataFram
 # --------------------------------------------------------------------------- ordering, labels
 
 def setting_key(setting: str) -> tuple:
-    """Sort settings from most to fewest bits: fp, w8a8, w4, w4g128, w4a8, w3, w3g128, w2g64."""
+    """Sort settings: fp, then weight-only from most to fewest bits, then weight-activation
+    (the two regimes are compared apart): fp, w4, w4g128, w3, w3g128, w2g64, w8a8, w4a8, w4a4."""
     from .quant import parse_setting
 
     if setting == "fp":
-        return (0, 0, 0, 0)
+        return (0, 0, 0, 0, 0)
     spec, act = parse_setting(setting)
-    return (1, -spec.bits, -(act.bits if act else 16), spec.group_size is not None, -(spec.group_size or 0))
+    return (1, act is not None, -spec.bits, -(act.bits if act else 16), spec.group_size is not None,
+            -(spec.group_size or 0))
 
 
 def order_settings(settings) -> list[str]:
@@ -497,7 +499,7 @@ def ppl_table(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL):
     def cell(v):
         if pd.isna(v):
             return ""
-        return f"{v:.4g}" + (" †" if v > collapse else "")
+        return (f"{v:.4g}" if v < 1e4 else f"{v:.1e}") + (" †" if v > collapse else "")
 
     def best(col):
         out = pd.Series("", index=col.index)

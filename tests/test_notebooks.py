@@ -225,11 +225,11 @@ def test_combination_plan():
     assert report.combination_plan([]) == ({}, "This grid lists no combinations.")
 
 
-def test_settings_sort_from_most_to_fewest_bits():
+def test_settings_sort_weight_only_then_weight_activation_most_bits_first():
     from ptqcore.report import order_settings
 
-    assert order_settings(["w2g64", "w3", "w4g128", "fp", "w4", "w3g128", "w4a8", "w8a8"]) == [
-        "fp", "w8a8", "w4", "w4g128", "w4a8", "w3", "w3g128", "w2g64"]
+    assert order_settings(["w2g64", "w3", "w4a4", "w4g128", "fp", "w4", "w3g128", "w4a8", "w8a8"]) == [
+        "fp", "w4", "w4g128", "w3", "w3g128", "w2g64", "w8a8", "w4a8", "w4a4"]
 
 
 def test_model_bytes_counts_bits_scales_zeros_and_fp16_rest():
