@@ -223,6 +223,26 @@ def test_vqa_scores_a_tiny_random_llava(tiny_vqa_model):
     assert normalize_answer(" The Red.\nmore") == "red"
 
 
+def test_answer_batch_marks_the_answer_tokens_whatever_the_padding_side(tiny_vqa_model):
+    """Training rows end with their answer: right padding is used even when the processor pads
+    left (as a saved checkpoint's does, for generation), and the processor is left as it was."""
+    from ptqcore.eval.vqa import easy_vqa_items
+    from ptqcore.models.llava_recipe import _answer_batch
+
+    _, processor = tiny_vqa_model
+    tok = processor.tokenizer
+    items = easy_vqa_items("train")[:2]
+    batch = [dict(items[0], question="what shape is present?", answer="rectangle"),
+             dict(items[1], question="is there not a very small blue shape in this image?", answer="no")]
+    tok.padding_side = "left"
+    inputs, rows, cols, targets = _answer_batch(processor, batch)
+    assert tok.padding_side == "left"
+    for r, it in enumerate(batch):
+        want = tok(f" {it['answer']}{tok.eos_token}", add_special_tokens=False)["input_ids"]
+        assert targets[rows == r].tolist() == want
+        assert (inputs["input_ids"][r, cols[rows == r] + 1] == targets[rows == r]).all()
+
+
 def test_real_photo_smoke_input(tiny_vqa_model):
     from ptqcore.eval.vqa import smoke_answer, smoke_image
 

@@ -209,7 +209,13 @@ def _answer_batch(processor, batch: list[dict]):
 
     tok = processor.tokenizer
     texts = [vqa_prompt(it["question"]) + f" {it['answer']}{tok.eos_token}" for it in batch]
-    inputs = processor(images=[load_image(it["image"]) for it in batch], text=texts, padding=True, return_tensors="pt")
+    side = tok.padding_side
+    tok.padding_side = "right"  # the answer ends each row at its length (a saved processor pads left, for generation)
+    try:
+        inputs = processor(images=[load_image(it["image"]) for it in batch], text=texts, padding=True,
+                           return_tensors="pt")
+    finally:
+        tok.padding_side = side
     rows, cols, targets = [], [], []
     lengths = inputs["attention_mask"].sum(1).tolist()
     for r, it in enumerate(batch):
