@@ -212,12 +212,14 @@ def missing(specs, results) -> list:
 
 
 def describe_specs(specs) -> str:
-    """Specs for a sentence, grouped: `model: fp; gptq at w4, w3; rtn at w4`."""
+    """Specs for a sentence, grouped: `model: fp; gptq at w4, w3; rtn at w4; rtn with the vision
+    side quantized at w4g128`."""
     from .quant import setting_name
 
     grouped: dict[str, dict[str, list[str]]] = {}
     for s in specs:
-        grouped.setdefault(s.model, {}).setdefault(s.method, []).append(setting_name(s.spec, s.act))
+        name = f"{s.method} with the vision side quantized" if s.quantize_vision else s.method
+        grouped.setdefault(s.model, {}).setdefault(name, []).append(setting_name(s.spec, s.act))
     return "; ".join(
         f"{model}: " + "; ".join(m if m == "fp" else f"{m} at {', '.join(order_settings(st))}" for m, st in methods.items())
         for model, methods in grouped.items())

@@ -396,3 +396,19 @@ def test_vqa_rows_table_plot_and_findings():
     fig = report.plot_vqa(rows, title="V")
     assert len(fig.axes) >= 2 and fig.axes[0].get_ylabel().startswith("easy-vqa")
     assert "No quantized" in report.modality_findings(rows.iloc[0:0])["verdict"]
+
+
+def test_coverage_note_names_what_is_missing():
+    from ptqcore import report
+    from ptqcore.quant import QuantSpec
+    from ptqcore.runner import RunSpec
+
+    fp = RunSpec("tiny-llava")
+    lm, vision = (RunSpec("tiny-llava", "rtn", QuantSpec(4, 128), quantize_vision=v) for v in (False, True))
+    w3 = RunSpec("tiny-llava", "rtn", QuantSpec(3, 128))
+    assert report.describe_specs([fp, w3, lm, vision]) == (
+        "tiny-llava: fp; rtn at w4g128, w3g128; rtn with the vision side quantized at w4g128")
+    assert report.coverage_note([fp, lm, vision], [vision], run_missing=False) == (
+        "2 of 3 configurations of this grid are recorded. The 1 missing are not run (`run_missing` is False) and "
+        "absent below: tiny-llava: rtn with the vision side quantized at w4g128.")
+    assert report.coverage_note([], [], True) == "The grid is empty: nothing to run or show."
