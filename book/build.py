@@ -30,8 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 # `make book QUICK=1`: a reduced grid run from scratch into its own results folder, so the whole
-# pipeline (sweep -> results -> notebooks -> book) can be checked in about ten minutes on 2 cores
-# (estimate): SmolLM2-135M, fp/rtn/gptq at w4g128 and w3g128, 8 calibration windows of 512
+# pipeline (sweep -> results -> notebooks -> book) can be checked in well under 45 minutes on 2
+# cores (20 minutes measured with two benchmarks sharing the cores): SmolLM2-135M, fp/rtn/gptq at w4g128 and w3g128, 8 calibration windows of 512
 # tokens, 4 evaluation windows of 2048 tokens of wiki, no weight-activation settings, no combinations.
 QUICK = {
     "models": ["smollm2-135m"],
