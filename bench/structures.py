@@ -50,7 +50,8 @@ def build_note(model: str) -> str:
     card = json.loads(path.read_text())
     seconds = card.get("build_seconds", card.get("wall_seconds"))
     threads = card.get("threads", "?")
-    return f"{seconds:.0f} s ({threads} threads)" if seconds is not None else "build time not recorded"
+    return f"{seconds:.0f} s ({threads} thread{'' if threads == 1 else 's'})" if seconds is not None \
+        else "build time not recorded"
 
 
 def main() -> None:
