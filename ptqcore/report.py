@@ -530,8 +530,9 @@ def cost_table(rows: pd.DataFrame) -> pd.DataFrame:
     out = out.pivot_table(index=["model", "method"], columns="setting",
                           values=["quant seconds", "peak memory (GiB)"], aggfunc="first")
     settings = order_settings(rows["setting"])
-    return out.reindex(columns=[(v, s) for v in ("quant seconds", "peak memory (GiB)") for s in settings
-                                if (v, s) in out.columns])
+    out = out.reindex(columns=[(v, s) for v in ("quant seconds", "peak memory (GiB)") for s in settings
+                               if (v, s) in out.columns])
+    return out.astype(object).where(out.notna(), "")  # a setting a method was not run at: blank, not NaN
 
 
 # --------------------------------------------------------------------------- figures

@@ -302,6 +302,9 @@ def test_tables_and_explorer(tmp_path):
     html = report.ppl_table(rows).to_html()
     assert "†" in html and "font-weight: bold" in html
     assert report.cost_table(rows).shape[0] == 2
+    uneven = rows[~((rows.method == "gptq") & (rows.setting == "w2g64"))]
+    cost = report.cost_table(uneven)
+    assert not cost.isna().any().any() and cost.loc[("tiny-llama", "gptq"), ("quant seconds", "w2g64")] == ""
     table = report.robustness(rows)
     assert table.iloc[0]["method"] == "gptq" and table.iloc[0]["wins"] == 3
     assert "No results" in report.explorer_html(report.explorer_frame(tmp_path)).data
