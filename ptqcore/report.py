@@ -498,10 +498,8 @@ def ppl_table(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL):
     table = table[[s for s in settings if s in table.columns]]
     table.columns.name = "setting"
 
-    def cell(v):
-        if pd.isna(v):
-            return ""
-        return (f"{v:.4g}" if v < 1e4 else f"{v:.1e}") + (" †" if v > collapse else "")
+    def number(v):
+        return "" if pd.isna(v) else (f"{v:.4g}" if v < 1e4 else f"{v:.1e}")
 
     def best(col):
         out = pd.Series("", index=col.index)
@@ -511,10 +509,16 @@ def ppl_table(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL):
                 out[sub.idxmin()] = "font-weight: bold"
         return out
 
-    style = table.style.format(cell).apply(best, axis=0)
-    style = style.map(lambda v: "color: #c0392b" if pd.notna(v) and v > collapse else "")
+    # collapsed: above the threshold where the model's own fp is not (a weak model's fp may be)
+    fp = {idx[:2]: v for idx, v in (table["fp"].items() if "fp" in table.columns else []) if pd.notna(v)}
+    strong = pd.Series([fp.get(idx[:2], 0.0) <= collapse for idx in table.index], index=table.index)
+    collapsed = table.gt(collapse) & pd.DataFrame({c: strong for c in table.columns})
+    style = table.style.format(number).apply(best, axis=0)
+    for row, col in ((r, c) for r in table.index for c in table.columns if collapsed.at[r, c]):
+        style = style.format(lambda v: number(v) + " †", subset=([row], [col]))
+    style = style.apply(lambda _: collapsed.replace({True: "color: #c0392b", False: ""}), axis=None)
     return style.set_caption(f"Perplexity (lower is better); bold: best quantized method per setting; "
-                             f"† collapsed (> {collapse:g}).")
+                             f"† collapsed (> {collapse:g}, where the model's own full precision is below it).")
 
 
 def cost_table(rows: pd.DataFrame) -> pd.DataFrame:

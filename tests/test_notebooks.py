@@ -301,6 +301,9 @@ def test_tables_and_explorer(tmp_path):
     rows = synthetic_rows()
     html = report.ppl_table(rows).to_html()
     assert "†" in html and "font-weight: bold" in html
+    weak = rows.assign(model="weak", value=rows["value"] * 1000)  # its fp is above the threshold already
+    html = report.ppl_table(pd.concat([rows, weak], ignore_index=True)).to_html()
+    assert html.count("†") == 1 + (rows["value"] > 1000).sum()  # the caption's, and tiny-llama's collapsed runs only
     assert report.cost_table(rows).shape[0] == 2
     uneven = rows[~((rows.method == "gptq") & (rows.setting == "w2g64"))]
     cost = report.cost_table(uneven)
