@@ -382,8 +382,12 @@ def _plain_log_ticks(axis) -> None:
     axis.set_minor_formatter(plain)
 
 
-def _footnote(fig, rows: pd.DataFrame) -> None:
+def _finish(fig, title: str, rows: pd.DataFrame):
+    """Every figure's end: its title, the layout, and a footnote naming the machine and commit."""
+    fig.suptitle(title)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.text(0.01, 0.005, "Numbers: " + provenance_note(rows), fontsize=8, color="0.35", ha="left", va="bottom")
+    return fig
 
 
 # --------------------------------------------------------------------------- the taxonomy
@@ -600,10 +604,7 @@ def plot_ppl_by_setting(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL,
         ax.set_ylabel(f"perplexity, {_dataset_label(rows, dataset)} (log)", fontsize=9)
         ax.set_title(f"{model}, {regime}", fontsize=10)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _footnote(fig, rows)
-    return fig
+    return _finish(fig, title, rows)
 
 
 # --------------------------------------------------------------------------- findings: bitwidth
@@ -777,10 +778,7 @@ def plot_structures(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL,
         ax.set_ylabel(f"perplexity / fp, {_dataset_label(rows, dataset)} (log)", fontsize=9)
         ax.set_title(f"{setting}", fontsize=10)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _footnote(fig, rows)
-    return fig
+    return _finish(fig, title, rows)
 
 
 def notes_table(rows: pd.DataFrame) -> pd.DataFrame:
@@ -893,10 +891,7 @@ def plot_vqa(rows: pd.DataFrame, title: str = "VQA accuracy per method and setti
         ax.set_ylabel("easy-vqa exact-match accuracy", fontsize=9)
         ax.set_title(f"{model}: {parts} quantized", fontsize=10)
         ax.legend(fontsize=7)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _footnote(fig, rows)
-    return fig
+    return _finish(fig, title, rows)
 
 
 def modality_findings(rows: pd.DataFrame) -> dict[str, str]:
@@ -1047,10 +1042,7 @@ def plot_size_vs_ppl(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL,
         ax.set_xlabel("model size (MiB; params x bits + fp16 scale and zero per group, log)")
         ax.set_ylabel(f"perplexity, {_dataset_label(rows, dataset)} (log)", fontsize=9)
         ax.legend(fontsize=7, loc="best")
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _footnote(fig, rows)
-    return fig
+    return _finish(fig, title, rows)
 
 
 def size_findings(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL) -> dict[str, str]:
@@ -1142,10 +1134,7 @@ def plot_combinations(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL,
         ax.set_ylabel(f"perplexity, {_dataset_label(rows, sub['dataset'].iloc[0])} (log)", fontsize=9)
         ax.set_title(combo, fontsize=10)
         ax.legend(fontsize=8)
-    fig.suptitle(title)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _footnote(fig, quant)
-    return fig
+    return _finish(fig, title, quant)
 
 
 def combination_findings(rows: pd.DataFrame, plan: dict[str, list[str]]) -> dict[str, str]:
