@@ -81,6 +81,28 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def fast_pipeline(name, spec):
+    """`build_pipeline(name, spec)` for tiny test models: OmniQuant trains one epoch, not its default."""
+    from ptqcore.pipeline import build_pipeline
+
+    return build_pipeline(name, spec, {"epochs": 1} if "omniquant" in name else {})
+
+
+def quantize_and_check(model, adapter, name, spec, tokens):
+    """Quantize `model` with `name` (`fast_pipeline`) and check what every method and pipeline must
+    give on any architecture: finite logits, an output moved but not destroyed (1e-4 < relative
+    error < 0.5 against full precision) and changed weights. Returns the QuantResult."""
+    from ptqcore.pipeline import quantize_model
+
+    ref = logits(model, tokens)
+    result = quantize_model(model, adapter, fast_pipeline(name, spec), tokens, progress=False)
+    out = logits(model, tokens)
+    assert torch.isfinite(out).all()
+    assert 1e-4 < rel_err(out, ref) < 0.5
+    assert result.weight_rel_change > 0
+    return result
+
+
 def quip_transform_only():
     """A `quantize_blockwise` step that applies QuIP's incoherence transform and undoes it with no
     rounding in between: an exact identity if the transform is (equivalence tests)."""

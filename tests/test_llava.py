@@ -15,7 +15,7 @@ from ptqcore.models import llava as vlm
 from ptqcore.pipeline import build_pipeline
 from ptqcore.quant import QuantSpec
 
-from conftest import rel_err, tiny_llama_config, quip_transform_only
+from conftest import fast_pipeline, rel_err, tiny_llama_config, quip_transform_only
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -73,10 +73,9 @@ def outputs(model, data):
         return torch.cat([model(**b).logits for b in data])
 
 
-def quantize(model, name, quantize_vision=False, options=None, data=None):
+def quantize(model, name, quantize_vision=False, data=None):
     data = data or batches(model)
-    pipeline = build_pipeline(name, SPEC, options or ({"epochs": 1} if "omniquant" in name else {}))
-    return vlm.quantize_parts(model, vlm.parts(model, quantize_vision), pipeline, data, progress=False)
+    return vlm.quantize_parts(model, vlm.parts(model, quantize_vision), fast_pipeline(name, SPEC), data, progress=False)
 
 
 # --- adapters -------------------------------------------------------------------------------
