@@ -676,6 +676,17 @@ def robustness(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL) -> pd.DataFra
     return pd.DataFrame(out).sort_values("geomean ppl / fp").reset_index(drop=True)
 
 
+def _record_name(method: str) -> str:
+    """The name a method's runs are recorded under (`pipeline.canonical_name`: `quarot+gptq` ->
+    `quarot`); a name ptqcore does not know is kept as it is."""
+    from .pipeline import canonical_name
+
+    try:
+        return canonical_name(method)
+    except ValueError:
+        return method
+
+
 def bitwidth_findings(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL) -> dict[str, str]:
     """Glue values for the cross-bitwidth chapter; every key is always present."""
     out = {"fp_ppl": NA, "n_methods": "0", "methods_seen": NA, "robust_method": NA, "robust_strategy": NA,
@@ -688,8 +699,9 @@ def bitwidth_findings(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL) -> dic
     out["fp_ppl"] = fmt(fp.iloc[0]) if len(fp) else NA
     table = robustness(rows, collapse)
     quant = rows[rows.method != "fp"]
-    out["n_methods"] = str(quant["method"].nunique())
-    out["methods_seen"] = ", ".join(sorted(quant["method"].unique())) or NA
+    seen = sorted({_record_name(m) for m in quant["method"]})  # quarot and quarot+gptq are one record
+    out["n_methods"] = str(len(seen))
+    out["methods_seen"] = ", ".join(seen) or NA
     collapsed = quant[quant["value"] > collapse]
     out["n_collapsed"] = str(len(collapsed))
     out["collapsed_list"] = ", ".join(f"{m} {s} ({fmt(v, 3)})" for m, s, v in

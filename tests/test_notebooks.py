@@ -266,6 +266,11 @@ def test_findings_have_fixed_keys_and_compute_the_verdict():
     assert full["robust_method"] == "gptq" and full["verdict"].startswith("We agree")
     assert full["n_collapsed"] == "2" and "w2g64" in full["collapsed_list"]
     assert "untested" in empty["verdict"]
+    # one record asked for under two names (weight-activation grids ask for quarot+gptq) is one method
+    gptq = rows[rows.method == "gptq"]
+    aliased = report.bitwidth_findings(pd.concat([rows, gptq.assign(method="quarot"), gptq.assign(method="quarot+gptq")]))
+    assert aliased["methods_seen"].split(", ").count("quarot") == 1 and "quarot+gptq" not in aliased["methods_seen"]
+    assert int(aliased["n_methods"]) == int(full["n_methods"]) + 1
     sized = report.with_size(rows)
     assert report.size_findings(sized).keys() == report.size_findings(sized.iloc[0:0]).keys()
     assert "one model" in report.size_findings(sized)["verdict"]
