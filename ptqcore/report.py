@@ -996,22 +996,27 @@ def with_size(rows: pd.DataFrame) -> pd.DataFrame:
     return rows
 
 
-def size_table(rows: pd.DataFrame) -> pd.DataFrame:
-    """The sized rows as a table, smallest first: size, bits per parameter, perplexity, front."""
+def size_table(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL) -> pd.DataFrame:
+    """The sized rows as a table, smallest first: size, bits per parameter, perplexity, front
+    (`pareto_front` without the collapsed points, unless the rows carry an `on front` column)."""
     cols = ["model", "method", "setting", "dataset", "size (MiB)", "bits / param", "perplexity", "on front"]
     if not len(rows):
         return pd.DataFrame(columns=cols)
     out = rows.assign(**{"size (MiB)": (rows["model_bytes"] / 2**20).round(2),
                          "bits / param": rows["bits_per_param"].round(3), "perplexity": rows["value"].map(fmt)})
     if "on front" not in out:
-        out["on front"] = pareto_front(rows)
+        out["on front"] = pareto_front(rows, collapse=collapse)
     return out.sort_values(["dataset", "model_bytes"])[cols].reset_index(drop=True)
 
 
-def pareto_front(rows: pd.DataFrame, x: str = "model_bytes", y: str = "value", by: str | None = "dataset") -> pd.Series:
+def pareto_front(rows: pd.DataFrame, x: str = "model_bytes", y: str = "value", by: str | None = "dataset",
+                 collapse: float | None = None) -> pd.Series:
     """True for the points no other point (of the same `by` group, e.g. dataset) beats on both
-    `x` and `y`; smaller is better for both."""
+    `x` and `y`; smaller is better for both. With `collapse`, a point whose `y` is above it is
+    never on the front: a collapsed model is not a size/quality trade-off, however small."""
     front = pd.Series(False, index=rows.index)
+    if collapse is not None and len(rows):
+        rows = rows[rows[y] <= collapse]
     groups = rows.groupby(by) if by and by in rows and len(rows) else [(None, rows)]
     for _, group in groups:
         best = math.inf
@@ -1025,7 +1030,8 @@ def pareto_front(rows: pd.DataFrame, x: str = "model_bytes", y: str = "value", b
 def plot_size_vs_ppl(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL,
                      title: str = "Perplexity vs model size"):
     """Scatter of every model x method x setting: size (MiB, log) vs perplexity (log); the Pareto
-    front as a step line with its points labelled; collapsed points crossed. One panel per dataset."""
+    front of the points that did not collapse as a step line with its points labelled; collapsed
+    points crossed. One panel per dataset."""
 
     if not len(rows):
         return _placeholder(title, "No recorded results for this grid yet.")
@@ -1040,7 +1046,7 @@ def plot_size_vs_ppl(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL,
             ax.scatter(m["model_bytes"] / 2**20, m["value"], color=colors[method], marker=markers[model], s=55,
                        label=f"{method} ({model})", zorder=3, edgecolor="white", linewidth=0.5)
         _mark_collapsed(ax, mib, sub["value"], collapse, label=True)
-        front = sub[pareto_front(sub)].sort_values("model_bytes")
+        front = sub[pareto_front(sub, collapse=collapse)].sort_values("model_bytes")
         ax.step(front["model_bytes"] / 2**20, front["value"], where="post", color="0.25", linewidth=1.2,
                 label="Pareto front", zorder=2)
         for r in front.itertuples():
@@ -1065,7 +1071,7 @@ def size_findings(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL) -> dict[st
     if not len(rows):
         return out
     out["n_models"] = str(rows["model"].nunique())
-    front = rows[pareto_front(rows)].sort_values("model_bytes")
+    front = rows[pareto_front(rows, collapse=collapse)].sort_values("model_bytes")
     out["n_front"] = str(len(front))
     out["front_list"] = "; ".join(f"{r.model} {r.method} {r.setting} ({r.model_bytes / 2**20:.1f} MiB, ppl "
                                   f"{fmt(r.value, 3)})" for r in front.itertuples())

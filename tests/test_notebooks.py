@@ -255,6 +255,10 @@ def test_pareto_front_per_dataset():
     df = pd.DataFrame({"model_bytes": [1, 2, 3, 4, 1, 2], "value": [10, 12, 5, 6, 3, 1],
                        "dataset": ["a", "a", "a", "a", "b", "b"]})
     assert pareto_front(df).tolist() == [True, False, True, False, True, True]
+    # a collapsed point is never on the front, however small: the next smallest takes its place
+    df = pd.DataFrame({"model_bytes": [1, 2, 3, 4], "value": [5000.0, 30.0, 20.0, 25.0], "dataset": "a"})
+    assert pareto_front(df).tolist() == [True, True, True, False]
+    assert pareto_front(df, collapse=1000).tolist() == [False, True, True, False]
 
 
 def test_findings_have_fixed_keys_and_compute_the_verdict():
