@@ -12,6 +12,8 @@ come from routed tokens only. An expert's part that received fewer than `min_exp
 calibration tokens falls back to RTN on the same grid (no data-driven step for it); methods ask
 `BlockContext.fallback(part, tokens)`, which records it, and `BlockwiseResult.expert_fallbacks`
 lists every such linear with its token count (the run's results count them in `notes`).
+Passes that only collect expert inputs skip the expert matmuls after the last input they need
+(`moe.SkipExpert`); the statistics are the same, bit for bit.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .models.adapters import Adapter, LinearGroup
+from .models.moe import ExpertMLP, SkipExpert, routed_expert
 
 
 class NonFiniteError(RuntimeError):
@@ -169,9 +172,9 @@ class BlockContext:
         MoE group; one, all linears, in a dense group) to `consume(index, x)`, from one pass of the
         block per batch that stops after `group.inspect`. Returns the number of tokens each set saw
         (0 for an expert no token was routed to). Dense groups go through `feed_inputs`."""
-        sets = group.token_sets()
-        counts = [0] * len(sets)
         if not group.parts:
+            counts = [0]
+
             def single(x: torch.Tensor) -> None:
                 counts[0] += _rows(x)
                 consume(0, x)
@@ -179,41 +182,59 @@ class BlockContext:
             self.feed_inputs(group, single)
             return counts
 
-        def hook(index: int):
-            def record(mod, args):
-                check_finite(args[0], f"block {self.index}, the input of {', '.join(sets[index])} during calibration")
-                counts[index] += _rows(args[0])
-                consume(index, args[0])
-            return record
-
         def stop(mod, args, out):
             raise _Stop
 
-        handles = [self.block.get_submodule(part[0]).register_forward_pre_hook(hook(i)) for i, part in enumerate(sets)]
+        # an inspect module inside a routed expert must run for the stop to fire
+        counts, handles = self._input_hooks([group], lambda gi, si, x: consume(si, x),
+                                            skip_experts=routed_expert(self.block, group.inspect) is None)
         handles.append(self.block.get_submodule(group.inspect).register_forward_hook(stop))
         self._run_hooked(handles)
-        return counts
+        return counts[0]
 
     @torch.inference_mode()
     def feed_stage(self, groups: list[LinearGroup], consume: Callable[[int, int, torch.Tensor], None]) -> list[list[int]]:
-        """`feed_parts` for several groups of one stage (`Adapter.stages()`) at once:
-        `consume(group index, token-set index, x)`, one full pass of the block per batch. A
-        one-group stage is `feed_parts` (early stop). Returns the token counts per group and set."""
+        """`feed_parts` for several groups whose inputs none of them changes (a stage of
+        `Adapter.stages()`, or every group of a block not yet modified) at once: `consume(group
+        index, token-set index, x)`, one full pass of the block per batch. A one-group stage is
+        `feed_parts` (early stop). Returns the token counts per group and set."""
         if len(groups) == 1:
             return [self.feed_parts(groups[0], lambda i, x: consume(0, i, x))]
-        counts = [[0] * len(g.token_sets()) for g in groups]
+        counts, handles = self._input_hooks(groups, consume, skip_experts=True)
+        self._run_hooked(handles)
+        return counts
+
+    def _input_hooks(self, groups: list[LinearGroup], consume: Callable[[int, int, torch.Tensor], None],
+                     skip_experts: bool) -> tuple[list[list[int]], list]:
+        """Forward pre-hooks on the first linear of every token set of `groups`, handing its input
+        to `consume(group index, set index, x)` and counting its tokens. With `skip_experts`, the
+        hook of the last hooked linear of each routed expert (in `ExpertMLP.ORDER`) then ends that
+        expert's computation (`SkipExpert`): these passes only collect inputs, so an MoE expert's
+        remaining matmuls are skipped (all three of them when only gate/up inputs are wanted)."""
+        sets = [(gi, si, names) for gi, group in enumerate(groups) for si, names in enumerate(group.token_sets())]
+        def rank(name: str) -> int:
+            return ExpertMLP.ORDER.index(name.rpartition(".")[2])
+
+        last: dict[str, str] = {}  # expert path -> its last hooked linear
+        for _, _, names in sets if skip_experts else ():
+            expert = routed_expert(self.block, names[0])
+            if expert and (expert not in last or rank(names[0]) > rank(last[expert])):
+                last[expert] = names[0]
+        ends = set(last.values())
+        counts = [[0] * len(group.token_sets()) for group in groups]
 
         def hook(gi: int, si: int, names: tuple[str, ...]):
             def record(mod, args):
                 check_finite(args[0], f"block {self.index}, the input of {', '.join(names)} during calibration")
                 counts[gi][si] += _rows(args[0])
                 consume(gi, si, args[0])
+                if names[0] in ends:
+                    raise SkipExpert
             return record
 
         handles = [self.block.get_submodule(names[0]).register_forward_pre_hook(hook(gi, si, names))
-                   for gi, group in enumerate(groups) for si, names in enumerate(group.token_sets())]
-        self._run_hooked(handles)
-        return counts
+                   for gi, si, names in sets]
+        return counts, handles
 
     def _run_hooked(self, handles: list) -> None:
         """Run the block on every batch with the hooks of `handles` installed (a hook raising

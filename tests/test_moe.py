@@ -133,6 +133,46 @@ def test_feed_parts_hands_each_expert_its_routed_tokens():
     assert sum(counts) == 2 * 4 * 32  # top-2 of every token
 
 
+def test_input_passes_skip_the_expert_matmuls():
+    """Collecting gate/up inputs runs no expert linear; collecting down inputs (every expert in one
+    pass) runs gate and up but not down: the passes only need expert inputs."""
+    model = make_moe("qwen2_moe")
+    adapter = adapter_for(model)
+    hidden, kwargs = capture_block_inputs(model, adapter, ids())
+    block = adapter.get_blocks(model)[0]
+    ctx = BlockContext(0, block, adapter, hidden, kwargs)
+    ran = {}
+    for name, module in block.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            module.register_forward_hook(lambda mod, args, out, _n=name: ran.__setitem__(_n, ran.get(_n, 0) + 1))
+    moe_in = next(g for g in adapter.groups if g.name == "moe_in")
+    counts = ctx.feed_parts(moe_in, lambda i, x: None)
+    assert all(counts) and not any(".experts." in name for name in ran)
+    assert ran["mlp.shared_expert.down_proj"] == hidden.shape[0]  # the shared expert is not routed: it runs
+    ran.clear()
+    stage = next(s for s in adapter.stages() if len(s) > 1)
+    counts = ctx.feed_stage(stage, lambda gi, si, x: None)
+    assert sum(c for group in counts for c in group) > 0
+    assert ran.get("mlp.experts.0.gate_proj") and ran.get("mlp.experts.0.up_proj")
+    assert not any(name.startswith("mlp.experts.") and name.endswith("down_proj") for name in ran)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("name", ["gptq", "quip+rtn"])
+def test_skipping_expert_matmuls_changes_no_weight(kind, name, monkeypatch):
+    """The skip leaves every statistic as it was: the same weights, bit for bit, as passes that
+    compute every expert in full."""
+    import ptqcore.calib
+
+    skipped = make_moe(kind)
+    quantize_model(skipped, adapter_for(skipped), build_pipeline(name, SPEC), ids(), progress=False)
+    full = make_moe(kind)
+    monkeypatch.setattr(ptqcore.calib, "routed_expert", lambda block, name: None)
+    quantize_model(full, adapter_for(full), build_pipeline(name, SPEC), ids(), progress=False)
+    for (n, a), (_, b) in zip(skipped.named_parameters(), full.named_parameters()):
+        assert torch.equal(a, b), n
+
+
 def _never_route_to(model, expert):
     """Hook every router so that `expert` is never chosen (a dead expert)."""
     def hook(mod, args, out):

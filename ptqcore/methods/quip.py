@@ -181,15 +181,15 @@ class _BlockHessians:
     def __call__(self, layer: str) -> torch.Tensor | None:
         if self.hessians is None:
             self.hessians = {}
-            for group in self.ctx.adapter.groups:
-                sets = group.token_sets()
-                accs = [HessianAccumulator(self.ctx.linear(names[0]).in_features, self.ctx.inputs.device)
-                        for names in sets]
-                counts = self.ctx.feed_parts(group, lambda i, x, _accs=accs: _accs[i].add_batch(x))
-                for names, acc, n in zip(sets, accs, counts):
-                    # an expert with too few routed tokens is not rescaled (no usable Hessian)
-                    H = None if self.ctx.adapter.is_routed(names[0]) and n < self.ctx.min_expert_tokens else acc.H
-                    self.hessians.update({name: H for name in names})
+            for stage in self.ctx.adapter.stages():  # one pass per stage (all experts' down at once)
+                accs = [[HessianAccumulator(self.ctx.linear(names[0]).in_features, self.ctx.inputs.device)
+                         for names in group.token_sets()] for group in stage]
+                counts = self.ctx.feed_stage(stage, lambda gi, si, x, _accs=accs: _accs[gi][si].add_batch(x))
+                for group, group_accs, group_counts in zip(stage, accs, counts):
+                    for names, acc, n in zip(group.token_sets(), group_accs, group_counts):
+                        # an expert with too few routed tokens is not rescaled (no usable Hessian)
+                        H = None if self.ctx.adapter.is_routed(names[0]) and n < self.ctx.min_expert_tokens else acc.H
+                        self.hessians.update({name: H for name in names})
         return self.hessians.get(layer)
 
 

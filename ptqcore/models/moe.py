@@ -44,8 +44,16 @@ _ATTN = (
 )
 
 
+class SkipExpert(Exception):
+    """Raised by a forward pre-hook on a linear of an `UnfusedExperts` expert to end that expert's
+    computation there: the expert adds nothing to the output. Calibration passes that only collect
+    expert inputs raise it (`BlockContext` in calib.py), so they skip the expert matmuls."""
+
+
 class ExpertMLP(nn.Module):
     """One expert: `down(act(gate(x)) * up(x))` with plain linears."""
+
+    ORDER = ("gate_proj", "up_proj", "down_proj")  # the order `forward` calls them
 
     def __init__(self, hidden: int, intermediate: int, act_fn, dtype=None, device=None):
         super().__init__()
@@ -93,7 +101,10 @@ class UnfusedExperts(nn.ModuleList):
             pos, tok = torch.where(slots == e)
             if tok.numel() == 0:
                 continue
-            y = expert(hidden_states[tok]) * top_k_weights[tok, pos, None]
+            try:
+                y = expert(hidden_states[tok]) * top_k_weights[tok, pos, None]
+            except SkipExpert:  # a calibration pass had what it needed from this expert
+                continue
             out.index_add_(0, tok, y.to(out.dtype))
         return out
 
@@ -106,6 +117,19 @@ class UnfusedExperts(nn.ModuleList):
             [torch.cat([e.gate_proj.weight.data, e.up_proj.weight.data]) for e in self]).to(first)
         module.down_proj.data = torch.stack([e.down_proj.weight.data for e in self]).to(first)
         return module
+
+
+def routed_expert(block: nn.Module, name: str) -> str | None:
+    """The path of the `ExpertMLP` holding linear `name` (relative to `block`) when that expert is
+    one of an `UnfusedExperts` container's; else None (dense linears, shared experts, routers)."""
+    expert, _, linear = name.rpartition(".")
+    container = expert.rpartition(".")[0]
+    if not container or linear not in ExpertMLP.ORDER:
+        return None
+    try:
+        return expert if isinstance(block.get_submodule(container), UnfusedExperts) else None
+    except AttributeError:
+        return None
 
 
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
