@@ -937,9 +937,11 @@ def modality_findings(rows: pd.DataFrame) -> dict[str, str]:
     if {"language model", "language model + vision"} <= set(both.columns):
         pairs = both.dropna(subset=["language model", "language model + vision"])
         if len(pairs):
-            extra = (pairs["language model + vision"] - pairs["language model"]).mean()
-            out["vision_note"] = (f"Quantizing the vision tower and projector as well costs {fmt(extra, 3)} more "
-                                  f"accuracy points on average ({len(pairs)} method x setting pairs).")
+            diff = pairs["language model + vision"] - pairs["language model"]
+            each = ", ".join(f"{m} {s} {d:+.1f}" for (m, s), d in diff.sort_values(ascending=False).items())
+            out["vision_note"] = (f"Quantizing the vision tower and projector as well costs {fmt(diff.mean(), 3)} more "
+                                  f"accuracy points on average ({len(pairs)} method x setting "
+                                  f"pair{'' if len(pairs) == 1 else 's'}: {each}; a negative cost is a gain).")
     return out
 
 

@@ -407,6 +407,7 @@ def test_vqa_rows_table_plot_and_findings():
     assert found["robust_method"] == "gptq" and found["verdict"].startswith("We agree")
     assert found["robust_drop"] == report.fmt((2 + 6) / 2, 3)  # mean drop over w4g128 and w3g128
     assert "6 more accuracy points" in found["vision_note"]  # 0.78 -> 0.72 with the vision side
+    assert "(1 method x setting pair: gptq w4g128 +6.0;" in found["vision_note"]
     assert "0.780 +- 0.020" in report.vqa_table(rows).to_html()
     fig = report.plot_vqa(rows, title="V")
     assert len(fig.axes) >= 2 and fig.axes[0].get_ylabel().startswith("easy-vqa")
