@@ -732,16 +732,33 @@ def bitwidth_findings(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL) -> dic
 
 def structure_table(rows: pd.DataFrame) -> pd.DataFrame:
     """Geometric-mean perplexity / fp over the weight-only settings, method x model (one column
-    per structure), then `worst`: the largest over the models the method has, which ranks them."""
+    per structure), then `worst`: the largest over the models the method has, which ranks them;
+    `structures`: how many models the method has; `settings`: what each row averages over.
+
+    A row averages over the (dataset, setting) cells that every one of its structures has, so
+    its columns compare like with like while a grid is partly recorded (a structure without the
+    hardest setting yet would otherwise look more robust); where its structures share no cell,
+    each averages over its own and `settings` says `uneven`."""
     quant = degradation(rows[rows.regime != "weight-activation"] if len(rows) else rows)
     if not len(quant) or quant["ratio"].isna().all():
         return pd.DataFrame(columns=["method", "worst"])
     quant = quant.dropna(subset=["ratio"])
+    kept, used = [], {}
+    for method, m in quant.groupby("method"):
+        cells = m.groupby(["dataset", "setting"])["model"].nunique()
+        shared = cells[cells == m["model"].nunique()].index
+        if len(shared):
+            m = m[m.set_index(["dataset", "setting"]).index.isin(shared)]
+        used[method] = ", ".join(order_settings(shared.get_level_values("setting").unique())) if len(shared) \
+            else "uneven"
+        kept.append(m)
+    quant = pd.concat(kept)
     table = quant.groupby(["method", "model"])["ratio"].agg(lambda r: math.exp(r.map(math.log).mean()))
     table = table.unstack("model")
     table = table[[m for m in dict.fromkeys(rows["model"]) if m in table.columns]]  # the grid's model order
     table["worst"] = table.max(axis=1)
     table["structures"] = table.drop(columns="worst").notna().sum(axis=1)
+    table["settings"] = [used[method] for method in table.index]
     return table.sort_values(["structures", "worst"], ascending=[False, True]).reset_index()
 
 
@@ -812,7 +829,7 @@ def structure_findings(rows: pd.DataFrame) -> dict[str, str]:
     table = structure_table(rows)
     if not len(table):
         return out
-    models = [c for c in table.columns if c not in ("method", "worst", "structures")]
+    models = [c for c in table.columns if c not in ("method", "worst", "structures", "settings")]
     out["n_models"], out["models_seen"] = str(len(models)), ", ".join(models)
     full = table[table["structures"] == len(models)]
     out["partial"] = ", ".join(f"{r.method} ({int(r.structures)} of {len(models)})"
@@ -1075,14 +1092,16 @@ def size_findings(rows: pd.DataFrame, collapse: float = COLLAPSE_PPL) -> dict[st
     out["n_models"] = str(rows["model"].nunique())
     front = rows[pareto_front(rows, collapse=collapse)].sort_values("model_bytes")
     out["n_front"] = str(len(front))
-    out["front_list"] = "; ".join(f"{r.model} {r.method} {r.setting} ({r.model_bytes / 2**20:.1f} MiB, ppl "
-                                  f"{fmt(r.value, 3)})" for r in front.itertuples())
+    out["front_list"] = "; ".join(
+        f"{dataset}: " + ", ".join(f"{r.model} {r.method} {r.setting} ({r.model_bytes / 2**20:.1f} MiB, ppl "
+                                   f"{fmt(r.value, 3)})" for r in points.itertuples())
+        for dataset, points in front.groupby("dataset", sort=False)) or NA
     low = front[pd.to_numeric(front["wbits"], errors="coerce") <= 2]
     out["low_bit_on_front"] = ", ".join(f"{r.model} {r.method} {r.setting}" for r in low.itertuples()) or "none"
     fp = rows[rows.method == "fp"]
     if len(fp):
         out["fp_mib"] = f"{fp['model_bytes'].min() / 2**20:.1f}"
-    ok = rows[rows["value"] <= collapse].sort_values("model_bytes")
+    ok = rows[rows["value"] <= collapse].sort_values(["model_bytes", "value"])  # at one size, the best
     if len(ok):
         out["smallest_ok"] = f"{ok.iloc[0]['model']} {ok.iloc[0]['method']} {ok.iloc[0]['setting']}"
         out["smallest_ok_mib"] = f"{ok.iloc[0]['model_bytes'] / 2**20:.1f}"

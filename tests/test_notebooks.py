@@ -278,6 +278,10 @@ def test_findings_have_fixed_keys_and_compute_the_verdict():
     sized = report.with_size(rows)
     assert report.size_findings(sized).keys() == report.size_findings(sized.iloc[0:0]).keys()
     assert "one model" in report.size_findings(sized)["verdict"]
+    # the front is per dataset, and says which
+    two = pd.concat([sized, sized.assign(dataset="other", value=sized["value"] * 2)])
+    fronts = report.size_findings(two)["front_list"]
+    assert fronts.startswith(f"{sized['dataset'].iloc[0]}: ") and "; other: " in fronts
 
 
 def test_figures_are_titled_labelled_log_scaled_and_mark_collapse():
@@ -369,6 +373,15 @@ def test_structure_table_plot_and_findings():
     assert found["robust_method"] == "rtn" and "settings every compared method has" in found["verdict"]
     assert found["robust_worst"] == report.fmt(1.6 * 2 ** 0.5, 3)  # rtn over w4g128 and w3g128 only
     assert found["runner_up_worst"] == report.fmt(3.6 * 2 ** 0.5, 3)  # gptq on the MoE
+    # a row averages over the settings all its structures have: the MoE lacks gptq w2g64, so the
+    # dense gptq cell leaves its w2g64 out too
+    partial = rows[~((rows.method == "gptq") & (rows.model == "tiny-moe") & (rows.setting == "w2g64"))]
+    row = report.structure_table(partial).set_index("method").loc["gptq"]
+    ratios = report.degradation(rows)
+    dense = ratios[(ratios.method == "gptq") & (ratios.model == "tiny-llama") & (ratios.setting != "w2g64")]["ratio"]
+    assert row["tiny-llama"] == pytest.approx(math.exp(dense.map(math.log).mean()))
+    assert row["settings"] == ", ".join(report.order_settings(["w4g128", "w3g128"]))
+    assert report.structure_table(rows).set_index("method").loc["rtn", "settings"].count("w") == 3
     fig = report.plot_structures(rows, title="S")
     assert fig.axes[0].get_yscale() == "log" and fig._suptitle.get_text() == "S"
     weak = rows.copy()
