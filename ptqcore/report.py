@@ -821,9 +821,13 @@ def notes_table(rows: pd.DataFrame) -> pd.DataFrame:
 
 
 def structure_findings(rows: pd.DataFrame) -> dict[str, str]:
-    """Glue values for the cross-structure chapter; every key is always present."""
-    out = {"n_models": "0", "models_seen": NA, "robust_method": NA, "robust_strategy": NA, "robust_worst": NA,
-           "runner_up": NA, "runner_up_worst": NA, "partial": "none",
+    """Glue values for the cross-structure chapter; every key is always present.
+
+    While the grid is partly recorded, the structures with the fewest methods are left out of the
+    comparison, one at a time, until at least two methods are recorded on every remaining one
+    (`compared`; the verdict names what was left out)."""
+    out = {"n_models": "0", "models_seen": NA, "compared": NA, "robust_method": NA, "robust_strategy": NA,
+           "robust_worst": NA, "runner_up": NA, "runner_up_worst": NA, "partial": "none",
            "verdict": "No quantized results with an fp baseline are recorded for this grid yet, so the claim is "
                       "untested here."}
     table = structure_table(rows)
@@ -831,21 +835,26 @@ def structure_findings(rows: pd.DataFrame) -> dict[str, str]:
         return out
     models = [c for c in table.columns if c not in ("method", "worst", "structures", "settings")]
     out["n_models"], out["models_seen"] = str(len(models)), ", ".join(models)
-    full = table[table["structures"] == len(models)]
     out["partial"] = ", ".join(f"{r.method} ({int(r.structures)} of {len(models)})"
                                for r in table[table["structures"] < len(models)].itertuples()) or "none"
-    if len(models) < 2 or not len(full):
+    compared = list(models)
+    while len(compared) > 2 and table[compared].notna().all(axis=1).sum() < 2:
+        counts = table[compared].notna().sum()
+        compared.remove(counts[counts == counts.min()].index[-1])  # the fewest methods; ties: the last
+    left_out = [m for m in models if m not in compared]
+    candidates = set(table.loc[table[compared].notna().all(axis=1), "method"])
+    out["compared"] = ", ".join(compared)
+    if len(models) < 2 or not candidates:
         out["verdict"] = "Fewer than two structures have a method recorded on all of them, so the claim is untested."
         return out
-    # Rank the methods recorded on every structure over the same cells: per model, the settings
-    # (and datasets) that all of them have, so no method is judged on easier settings than another.
-    candidates = set(full["method"])
-    quant = rows[rows.method.isin(candidates)]
+    # Rank the methods recorded on every compared structure over the same cells: per model, the
+    # settings (and datasets) that all of them have, so no method is judged on easier settings.
+    quant = rows[rows.method.isin(candidates) & rows.model.isin(compared)]
     present = quant.groupby(["model", "dataset", "setting"])["method"].nunique()
     shared = present[present == len(candidates)].index
     keep = quant.set_index(["model", "dataset", "setting"]).index.isin(shared)
-    full = structure_table(pd.concat([rows[rows.method == "fp"], quant[keep]]))
-    full = full[full["structures"] == len(models)] if len(full) else full
+    full = structure_table(pd.concat([rows[(rows.method == "fp") & rows.model.isin(compared)], quant[keep]]))
+    full = full[full["structures"] == len(compared)] if len(full) else full
     if not len(full):
         out["verdict"] = ("The methods recorded on every structure share no setting on some structure yet, so the "
                           "claim is untested.")
@@ -855,12 +864,17 @@ def structure_findings(rows: pd.DataFrame) -> dict[str, str]:
     out["robust_strategy"] = strategy_label(best["method"])
     if len(full) > 1:
         out["runner_up"], out["runner_up_worst"] = full.iloc[1]["method"], fmt(full.iloc[1]["worst"], 3)
-    margin = (f"its worst geometric-mean perplexity over the {len(models)} structures (settings every compared "
+    margin = (f"its worst geometric-mean perplexity over the {len(compared)} structures (settings every compared "
               f"method has) is {out['robust_worst']}x fp, against {out['runner_up_worst']}x for {out['runner_up']}")
     if len(full) < 2:
         out["verdict"] = f"Only {best['method']} is recorded on every structure, so there is nothing to compare yet."
     else:
         out["verdict"] = compensation_verdict(best["method"], "is the most robust across structures", margin)
+    if left_out:
+        only = {m: sorted(table.loc[table[m].notna(), "method"]) for m in left_out}
+        out["verdict"] = (f"Provisional, on {len(compared)} of the {len(models)} structures ("
+                          + "; ".join(f"{m} has only {', '.join(v) or 'no method'} recorded yet" for m, v in only.items())
+                          + f"). {out['verdict']}")
     return out
 
 

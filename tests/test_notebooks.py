@@ -373,6 +373,14 @@ def test_structure_table_plot_and_findings():
     assert found["robust_method"] == "rtn" and "settings every compared method has" in found["verdict"]
     assert found["robust_worst"] == report.fmt(1.6 * 2 ** 0.5, 3)  # rtn over w4g128 and w3g128 only
     assert found["runner_up_worst"] == report.fmt(3.6 * 2 ** 0.5, 3)  # gptq on the MoE
+    # a third structure with only rtn so far is left out of the comparison, and the verdict says so
+    third = rows[(rows.model == "tiny-moe") & rows.method.isin(["fp", "rtn"])].assign(
+        model="tiny-ds", run_id=lambda f: f["run_id"] + "d", config_hash=lambda f: f["config_hash"] + "d")
+    found = report.structure_findings(pd.concat([rows, third], ignore_index=True))
+    assert found["compared"] == "tiny-llama, tiny-moe" and found["robust_method"] == "rtn"
+    assert found["verdict"].startswith("Provisional, on 2 of the 3 structures (tiny-ds has only rtn recorded yet). "
+                                       "We disagree")
+    assert report.structure_findings(rows)["compared"] == "tiny-llama, tiny-moe"
     # a row averages over the settings all its structures have: the MoE lacks gptq w2g64, so the
     # dense gptq cell leaves its w2g64 out too
     partial = rows[~((rows.method == "gptq") & (rows.model == "tiny-moe") & (rows.setting == "w2g64"))]
