@@ -823,9 +823,10 @@ def notes_table(rows: pd.DataFrame) -> pd.DataFrame:
 def structure_findings(rows: pd.DataFrame) -> dict[str, str]:
     """Glue values for the cross-structure chapter; every key is always present.
 
-    While the grid is partly recorded, the structures with the fewest methods are left out of the
-    comparison, one at a time, until at least two methods are recorded on every remaining one
-    (`compared`; the verdict names what was left out)."""
+    While the grid is partly recorded, a structure with fewer than half as many methods as the
+    best-covered one waits, and then the structures with the fewest methods, one at a time, until
+    at least two methods are recorded on every remaining one (`compared`; the verdict names what
+    was left out)."""
     out = {"n_models": "0", "models_seen": NA, "compared": NA, "robust_method": NA, "robust_strategy": NA,
            "robust_worst": NA, "runner_up": NA, "runner_up_worst": NA, "partial": "none",
            "verdict": "No quantized results with an fp baseline are recorded for this grid yet, so the claim is "
@@ -837,7 +838,8 @@ def structure_findings(rows: pd.DataFrame) -> dict[str, str]:
     out["n_models"], out["models_seen"] = str(len(models)), ", ".join(models)
     out["partial"] = ", ".join(f"{r.method} ({int(r.structures)} of {len(models)})"
                                for r in table[table["structures"] < len(models)].itertuples()) or "none"
-    compared = list(models)
+    counts = table[models].notna().sum()
+    compared = [m for m in models if 2 * counts[m] >= counts.max()] or list(models)  # half the best coverage
     while len(compared) > 2 and table[compared].notna().all(axis=1).sum() < 2:
         counts = table[compared].notna().sum()
         compared.remove(counts[counts == counts.min()].index[-1])  # the fewest methods; ties: the last

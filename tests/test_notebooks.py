@@ -381,6 +381,12 @@ def test_structure_table_plot_and_findings():
     assert found["verdict"].startswith("Provisional, on 2 of the 3 structures (tiny-ds has only rtn recorded yet). "
                                        "We disagree")
     assert report.structure_findings(rows)["compared"] == "tiny-llama, tiny-moe"
+    # a structure with two methods could be compared, but with under half the methods of the best it waits
+    many = pd.concat([rows] + [rows[rows.method == "gptq"].assign(method=m) for m in ("awq", "quip", "quarot")],
+                     ignore_index=True)
+    two = pd.concat([third, rows[(rows.model == "tiny-moe") & (rows.method == "gptq")].assign(model="tiny-ds")])
+    found = report.structure_findings(pd.concat([many, two], ignore_index=True))  # 2 of 5 methods: waits
+    assert found["compared"] == "tiny-llama, tiny-moe" and found["verdict"].startswith("Provisional")
     # a row averages over the settings all its structures have: the MoE lacks gptq w2g64, so the
     # dense gptq cell leaves its w2g64 out too
     partial = rows[~((rows.method == "gptq") & (rows.model == "tiny-moe") & (rows.setting == "w2g64"))]
