@@ -31,7 +31,7 @@ from ptqcore import data  # noqa: E402
 from ptqcore.eval.vqa import vqa_accuracy  # noqa: E402
 from ptqcore.models.llava import calibration_batches, llava_adapter, projector_adapter, quantize_parts, vision_adapter  # noqa: E402
 from ptqcore.models.zoo import load_model  # noqa: E402
-from ptqcore.pipeline import build_pipeline, validate_pipeline_name  # noqa: E402
+from ptqcore.pipeline import build_pipeline  # noqa: E402
 from ptqcore.profiles import get_profile  # noqa: E402
 from ptqcore.quant import parse_setting  # noqa: E402
 
@@ -45,16 +45,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     try:
-        validate_pipeline_name(args.method)
         spec, act = parse_setting(args.setting)
         if act is not None:
             raise ValueError(f"weight-only settings only (e.g. w4g128), got {args.setting}")
+        pipeline = build_pipeline(args.method, spec)  # validates the method name
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError as err:
         sys.exit(f"error: {err}")
     torch.set_num_threads(args.threads)
     profile = get_profile("cpu")
-    pipeline = build_pipeline(args.method, spec)
     rows = []
 
     def measure(label: str, seed: int, vision_after: bool) -> None:

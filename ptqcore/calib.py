@@ -212,6 +212,7 @@ class BlockContext:
         expert's computation (`SkipExpert`): these passes only collect inputs, so an MoE expert's
         remaining matmuls are skipped (all three of them when only gate/up inputs are wanted)."""
         sets = [(gi, si, names) for gi, group in enumerate(groups) for si, names in enumerate(group.token_sets())]
+
         def rank(name: str) -> int:
             return ExpertMLP.ORDER.index(name.rpartition(".")[2])
 

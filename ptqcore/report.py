@@ -839,7 +839,7 @@ def structure_findings(rows: pd.DataFrame) -> dict[str, str]:
     out["partial"] = ", ".join(f"{r.method} ({int(r.structures)} of {len(models)})"
                                for r in table[table["structures"] < len(models)].itertuples()) or "none"
     counts = table[models].notna().sum()
-    compared = [m for m in models if 2 * counts[m] >= counts.max()] or list(models)  # half the best coverage
+    compared = [m for m in models if 2 * counts[m] >= counts.max()]  # half the best coverage (never empty)
     while len(compared) > 2 and table[compared].notna().all(axis=1).sum() < 2:
         counts = table[compared].notna().sum()
         compared.remove(counts[counts == counts.min()].index[-1])  # the fewest methods; ties: the last

@@ -55,6 +55,15 @@ class HessianAccumulator:
         self.H += inp.matmul(inp.t())
 
 
+def stage_hessians(ctx: BlockContext, groups: list) -> list[list[tuple[torch.Tensor, int]]]:
+    """Per group of `groups` (inputs none of them changes: a stage), per token set: the Hessian
+    of its inputs and the tokens it saw, from one pass (`BlockContext.feed_stage`)."""
+    accs = [[HessianAccumulator(ctx.linear(names[0]).in_features, ctx.inputs.device) for names in g.token_sets()]
+            for g in groups]
+    counts = ctx.feed_stage(groups, lambda gi, si, x: accs[gi][si].add_batch(x))
+    return [[(acc.H, n) for acc, n in zip(a, c)] for a, c in zip(accs, counts)]
+
+
 @dataclass
 class GPTQResult:
     weight: torch.Tensor  # fake-quantized weight, original column order
@@ -251,11 +260,8 @@ class GPTQ(Method):
     def _hessians(self, ctx: BlockContext, groups: list) -> list[list]:
         """Per group, per token set: the Hessian of its inputs (None: an expert with too few
         routed tokens, RTN), from one pass for a stage of groups."""
-        accs = [[HessianAccumulator(ctx.linear(names[0]).in_features, ctx.inputs.device) for names in g.token_sets()]
-                for g in groups]
-        counts = ctx.feed_stage(groups, lambda gi, si, x: accs[gi][si].add_batch(x))
-        return [[None if ctx.fallback(names, n) else acc.H for names, acc, n in zip(g.token_sets(), a, c)]
-                for g, a, c in zip(groups, accs, counts)]
+        return [[None if ctx.fallback(names, n) else H for names, (H, n) in zip(g.token_sets(), stats)]
+                for g, stats in zip(groups, stage_hessians(ctx, groups))]
 
     @torch.no_grad()
     def process_block(self, ctx: BlockContext) -> dict:

@@ -78,7 +78,7 @@ import torch
 
 from ..calib import BasisTransform, BlockContext
 from .base import Method, MethodConfig, MethodInfo
-from .gptq import HessianAccumulator
+from .gptq import stage_hessians
 
 INCOHERENCE_MODES = ("kron", "none")
 
@@ -182,14 +182,11 @@ class _BlockHessians:
         if self.hessians is None:
             self.hessians = {}
             for stage in self.ctx.adapter.stages():  # one pass per stage (all experts' down at once)
-                accs = [[HessianAccumulator(self.ctx.linear(names[0]).in_features, self.ctx.inputs.device)
-                         for names in group.token_sets()] for group in stage]
-                counts = self.ctx.feed_stage(stage, lambda gi, si, x, _accs=accs: _accs[gi][si].add_batch(x))
-                for group, group_accs, group_counts in zip(stage, accs, counts):
-                    for names, acc, n in zip(group.token_sets(), group_accs, group_counts):
+                for group, stats in zip(stage, stage_hessians(self.ctx, stage)):
+                    for names, (H, n) in zip(group.token_sets(), stats):
                         # an expert with too few routed tokens is not rescaled (no usable Hessian)
-                        H = None if self.ctx.adapter.is_routed(names[0]) and n < self.ctx.min_expert_tokens else acc.H
-                        self.hessians.update({name: H for name in names})
+                        routed_few = self.ctx.adapter.is_routed(names[0]) and n < self.ctx.min_expert_tokens
+                        self.hessians.update({name: None if routed_few else H for name in names})
         return self.hessians.get(layer)
 
 
