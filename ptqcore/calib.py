@@ -14,10 +14,17 @@ calibration tokens falls back to RTN on the same grid (no data-driven step for i
 lists every such linear with its token count (the run's results count them in `notes`).
 Passes that only collect expert inputs skip the expert matmuls after the last input they need
 (`moe.SkipExpert`); the statistics are the same, bit for bit.
+
+After each block the loop hands freed heap memory back to the OS (`release_freed_memory`):
+glibc serves the many same-sized weight temporaries of a block from its heap and keeps what they
+leave fragmented, so without it a process's memory grows block by block (smollm2-moe, QuIP, 4
+blocks: 0.93 GiB more resident without, 0.33 GiB with; no slower).
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -28,6 +35,25 @@ from tqdm.auto import tqdm
 
 from .models.adapters import Adapter, LinearGroup
 from .models.moe import ExpertMLP, SkipExpert, routed_expert
+
+
+_LIBC = None
+
+
+def release_freed_memory() -> bool:
+    """`malloc_trim(0)`: return the heap's free pages to the OS (glibc; elsewhere a no-op that
+    returns False). Live tensors are untouched; it only lowers the resident size."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC = libc if hasattr(libc, "malloc_trim") else False
+        except OSError:
+            _LIBC = False
+    if not _LIBC:
+        return False
+    _LIBC.malloc_trim(0)
+    return True
 
 
 class NonFiniteError(RuntimeError):
@@ -304,6 +330,7 @@ def quantize_blockwise(
     is quantized with RTN (see the module docstring); the result lists them.
     """
     blocks = adapter.get_blocks(model)
+    release_freed_memory()  # what unfusing mixture-of-experts weights left (`moe.expose_experts`)
     hidden, kwargs = (None, {})
     if calib_ids is not None:
         hidden, kwargs = capture_block_inputs(model, adapter, calib_ids)
@@ -326,4 +353,6 @@ def quantize_blockwise(
         if hidden is not None:
             hidden = ctx.forward()
             check_finite(hidden, f"the outputs of block {index} during calibration")
+        del ctx
+        release_freed_memory()
     return BlockwiseResult(states, (moved / total) ** 0.5 if total else 0.0, expert_fallbacks=fallbacks)

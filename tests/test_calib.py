@@ -38,6 +38,29 @@ def test_loop_without_changes_reproduces_the_model(tiny_llama):
         torch.testing.assert_close(inputs, states[i], rtol=1e-5, atol=1e-5)
 
 
+def test_freed_memory_goes_back_after_unfusing_and_after_each_block(tiny_llama, monkeypatch):
+    """The loop trims the heap once after `get_blocks` (MoE unfusing) and once after each block
+    has been processed and fed forward, so fragments of one block never pile up under the next."""
+    import ptqcore.calib as calib
+
+    events = []
+    monkeypatch.setattr(calib, "release_freed_memory", lambda: events.append("release"))
+    real_forward = calib.BlockContext.forward
+    monkeypatch.setattr(calib.BlockContext, "forward", lambda ctx: events.append("forward") or real_forward(ctx))
+    quantize_blockwise(tiny_llama, adapter_for(tiny_llama), lambda ctx: events.append(f"block{ctx.index}"),
+                       windows(), progress=False)
+    assert events == ["release", "block0", "forward", "release", "block1", "forward", "release"]
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="malloc_trim is glibc's")
+def test_release_freed_memory_trims_the_glibc_heap():
+    from ptqcore.calib import release_freed_memory
+
+    kept = torch.arange(10.0)
+    assert release_freed_memory() is True
+    assert torch.equal(kept, torch.arange(10.0))
+
+
 def test_feed_inputs_stops_at_the_group(tiny_llama):
     adapter = adapter_for(tiny_llama)
     ids = windows()
