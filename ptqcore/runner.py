@@ -230,6 +230,8 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
             "--force reruns it")
         return []
     p, _ = spec.resolved()
+    # the code and machine as the run starts: a checkout moved during a long run must not relabel it
+    origin = provenance(spec.device)
     if spec.tasks:
         from .tasks import prepare_tasks
 
@@ -317,7 +319,7 @@ def run(spec: RunSpec, out: str = "results", force: bool = False, progress: bool
             metrics += zeroshot(model, loaded.tokenizer, spec.tasks, spec.task_limit, spec.task_batch_size, p.seed,
                                 progress=progress, log=log)
     base = {
-        **provenance(spec.device),
+        **origin,
         "config_hash": key,
         "model": spec.model,
         "method": spec.method,

@@ -58,6 +58,21 @@ def test_group_size_wider_than_a_layer_names_it(capsys, tmp_path, tiny_checkpoin
     assert ResultsStore(tmp_path).rows() == []
 
 
+def test_provenance_is_taken_before_the_model_loads(capsys, tmp_path, tiny_checkpoint, monkeypatch):
+    """A long run records the checkout it started from, not one the tree was moved to meanwhile."""
+    import ptqcore.runner as runner
+
+    calls = []
+    real_load, real_provenance = runner.load_model, runner.provenance
+    monkeypatch.setattr(runner, "provenance", lambda device: calls.append("provenance")
+                        or real_provenance(device) | {"git_sha": f"sha{len(calls)}"})
+    monkeypatch.setattr(runner, "load_model", lambda *a, **k: calls.append("load") or real_load(*a, **k))
+    code, _, _ = run_cli(capsys, "run", "--model", str(tiny_checkpoint), "--method", "rtn", "--wbits", "4",
+                         "--group-size", "32", "--out", str(tmp_path), *TINY_RUN)
+    assert code == 0 and calls == ["provenance", "load"]
+    assert ResultsStore(tmp_path).rows()[0]["git_sha"] == "sha1"
+
+
 def test_run_records_skips_and_forces(capsys, tmp_path, tiny_checkpoint):
     args = ["run", "--model", str(tiny_checkpoint), "--method", "gptq", "--wbits", "3", "--group-size", "48",
             "--out", str(tmp_path), *TINY_RUN]
