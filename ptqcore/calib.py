@@ -27,6 +27,7 @@ import ctypes
 import ctypes.util
 import inspect
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Callable, Iterator
 
 import torch
@@ -37,22 +38,22 @@ from .models.adapters import Adapter, LinearGroup
 from .models.moe import ExpertMLP, SkipExpert, routed_expert
 
 
-_LIBC = None
+@lru_cache(maxsize=None)
+def _malloc_trim():
+    """glibc's `malloc_trim`, or None where the C library has none (musl, macOS, Windows)."""
+    try:
+        return getattr(ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6"), "malloc_trim", None)
+    except OSError:
+        return None
 
 
 def release_freed_memory() -> bool:
     """`malloc_trim(0)`: return the heap's free pages to the OS (glibc; elsewhere a no-op that
     returns False). Live tensors are untouched; it only lowers the resident size."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            _LIBC = libc if hasattr(libc, "malloc_trim") else False
-        except OSError:
-            _LIBC = False
-    if not _LIBC:
+    trim = _malloc_trim()
+    if trim is None:
         return False
-    _LIBC.malloc_trim(0)
+    trim(0)
     return True
 
 
